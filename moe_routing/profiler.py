@@ -1,0 +1,198 @@
+"""Profile a MoE model's routing over a dataset of prompts.
+
+:func:`profile_routing` runs the model in batches in this process; :func:`profile_routing_ray`
+shards the dataset over Ray workers (one per GPU on a GPU cluster, CPU workers otherwise) that
+each load the checkpoint and profile their shard, then merges the integer counts.
+
+Shards are cut on batch boundaries, so every worker sees exactly the batches the single process
+would (same padding, same shapes): the merged counts equal single-process counts exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from moe_routing.architectures import MoEModel, describe
+from moe_routing.instrument import RoutingTrace, capture_routing
+from moe_routing.stats import RoutingCounts
+
+PromptFormat = Literal["chat", "raw"]
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """How prompts become model inputs. Part of every profile's provenance."""
+
+    batch_size: int = 16
+    max_length: int = 256
+    prompt_format: PromptFormat = "chat"
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
+        if self.prompt_format not in ("chat", "raw"):
+            raise ValueError(f"prompt_format must be 'chat' or 'raw', got {self.prompt_format!r}")
+
+
+def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("the dataset is empty: profiling needs at least one prompt")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"prompt {i} must be a non-empty string, got {prompt!r}")
+    return prompts
+
+
+def format_prompts(tokenizer, prompts: Sequence[str], prompt_format: PromptFormat) -> list[str]:
+    """Render prompts as the model sees them: a user turn of its chat template, or raw text."""
+    if prompt_format == "raw":
+        return list(prompts)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompt_format='chat' needs a tokenizer with a chat template; use 'raw'")
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+        )
+        for p in prompts
+    ]
+
+
+def counts_from_trace(trace: RoutingTrace, num_sequences: int, moe: MoEModel) -> RoutingCounts:
+    """Integer hit / co-activation counts of ``num_sequences`` sequences numbered 0..S-1."""
+    L, E = moe.num_layers, moe.num_experts
+    ids = trace.expert_ids  # [N, L, k]
+    layer = torch.arange(L)[None, :, None]
+    flat = (trace.sequence[:, None, None] * L + layer) * E + ids
+    hits = torch.bincount(flat.reshape(-1), minlength=num_sequences * L * E)
+    tokens = torch.bincount(trace.sequence, minlength=num_sequences)
+    # Co-activation: every ordered pair (i, j) of a token's selected experts, i == j included.
+    pairs = (layer[..., None] * E + ids[..., :, None]) * E + ids[..., None, :]  # [N, L, k, k]
+    coactivation = torch.bincount(pairs.reshape(-1), minlength=L * E * E)
+    return RoutingCounts(
+        sequence_hits=hits.reshape(num_sequences, L, E).numpy().astype(np.int64),
+        sequence_tokens=tokens.numpy().astype(np.int64),
+        coactivation=coactivation.reshape(L, E, E).numpy().astype(np.int64),
+        top_k=moe.top_k,
+    )
+
+
+@torch.inference_mode()
+def profile_routing(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    settings: ProfileSettings = ProfileSettings(),
+    *,
+    progress: bool = True,
+) -> RoutingCounts:
+    """Routing counts of ``model`` over the prompt tokens of ``prompts``, in dataset order."""
+    prompts = _check_prompts(prompts)
+    moe = describe(model)
+    texts = format_prompts(tokenizer, prompts, settings.prompt_format)
+    device = next(model.parameters()).device
+    parts = []
+    batches = range(0, len(texts), settings.batch_size)
+    with capture_routing(model, probabilities=False) as capture:
+        for start in tqdm(batches, desc="profiling routing", unit="batch", disable=not progress):
+            batch = texts[start : start + settings.batch_size]
+            inputs = tokenizer(
+                batch,
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=settings.max_length,
+                add_special_tokens=False,
+            ).to(device)
+            model(**inputs, use_cache=False)
+            trace = capture.drain()
+            trace.sequence -= int(trace.sequence.min())  # capture numbers across batches
+            parts.append(counts_from_trace(trace, len(batch), moe))
+    return RoutingCounts.merge(parts)
+
+
+def _shard_bounds(num_prompts: int, batch_size: int, num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) prompt ranges on batch boundaries, as even as possible."""
+    num_batches = math.ceil(num_prompts / batch_size)
+    num_shards = max(1, min(num_shards, num_batches))
+    per_shard, extra = divmod(num_batches, num_shards)
+    bounds, batch = [], 0
+    for shard in range(num_shards):
+        take = per_shard + (1 if shard < extra else 0)
+        bounds.append((batch * batch_size, min((batch + take) * batch_size, num_prompts)))
+        batch += take
+    return bounds
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu", dtype: torch.dtype | str = "auto"):
+    """Model and tokenizer from an HF checkpoint directory or hub id, checked before loading."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from moe_routing.architectures import check_supported
+
+    check_supported(AutoConfig.from_pretrained(path))  # clear error before loading any weights
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+def _profile_shard(checkpoint: str, prompts: list[str], settings: ProfileSettings, threads: int | None):
+    if threads:
+        torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_checkpoint(checkpoint, device=device)
+    return profile_routing(model, tokenizer, prompts, settings, progress=False)
+
+
+def profile_routing_ray(
+    checkpoint: str | Path,
+    prompts: Sequence[str],
+    settings: ProfileSettings = ProfileSettings(),
+    *,
+    num_workers: int | None = None,
+    gpus_per_worker: float | None = None,
+    cpus_per_worker: float = 1,
+    torch_threads: int | None = None,
+    progress: bool = True,
+) -> RoutingCounts:
+    """Profile ``checkpoint`` over ``prompts`` on Ray workers and merge their counts.
+
+    Joins the running Ray cluster (``RAY_ADDRESS``) or starts a local one. By default one worker
+    per GPU when the cluster has GPUs, else one per CPU. ``torch_threads`` pins each worker's
+    intra-op threads (defaults to Ray's per-worker setting).
+    """
+    import ray
+
+    prompts = _check_prompts(prompts)
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    resources = ray.cluster_resources()
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+    if num_workers is None:
+        pool = resources.get("GPU", 0) if gpus_per_worker else resources.get("CPU", 1) / cpus_per_worker
+        num_workers = max(1, int(pool))
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    task = ray.remote(_profile_shard).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
+    bounds = _shard_bounds(len(prompts), settings.batch_size, num_workers)
+    refs = [task.remote(str(checkpoint), prompts[a:b], settings, torch_threads) for a, b in bounds]
+    pending = list(refs)
+    with tqdm(total=len(refs), desc="profiling shards", unit="shard", disable=not progress) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)  # surface a worker's error as soon as it happens
+            bar.update(len(done))
+    return RoutingCounts.merge(ray.get(refs))
