@@ -115,7 +115,7 @@ def profile_routing(
             ).to(device)
             model(**inputs, use_cache=False)
             trace = capture.drain()
-            trace.sequence -= int(trace.sequence.min())  # capture numbers across batches
+            trace.sequence -= start  # the capture numbers sequences across all batches
             parts.append(counts_from_trace(trace, len(batch), moe))
     return RoutingCounts.merge(parts)
 

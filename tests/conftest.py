@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random MoE models of every supported architecture, built locally."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from moe_routing.tiny import byte_tokenizer, tiny_model
+
+# Each entry: (id, architecture, config overrides). DeepSeek-V2 is tested in both routing modes.
+ARCHITECTURES = [
+    ("qwen3_moe", "qwen3_moe", {}),
+    ("qwen2_moe", "qwen2_moe", {}),
+    ("mixtral", "mixtral", {}),
+    ("olmoe", "olmoe", {}),
+    ("deepseek_v2", "deepseek_v2", {}),
+    ("deepseek_v2_grouped", "deepseek_v2",
+     {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2}),
+]
+ARCH_IDS = [a[0] for a in ARCHITECTURES]
+
+
+@functools.lru_cache(maxsize=None)
+def _model(arch_id: str):
+    _, architecture, overrides = next(a for a in ARCHITECTURES if a[0] == arch_id)
+    return tiny_model(architecture, seed=0, **overrides)
+
+
+@pytest.fixture(params=ARCH_IDS)
+def model(request):
+    """A tiny model of each architecture (shared across tests: tests must leave it unchanged)."""
+    return _model(request.param)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer()
+
+
+@pytest.fixture
+def batch(tokenizer):
+    """A left-padded batch of two prompts of different lengths."""
+    return tokenizer(["What is 12 plus 30?", "Reverse: cat"], return_tensors="pt", padding=True)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
