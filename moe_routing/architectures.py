@@ -18,8 +18,9 @@ instrumentation bias logits (masking) and re-route tokens the way the model itse
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import nn

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -266,7 +266,7 @@ class _Controller:
         return None
 
 
-_CONTROLLERS: "weakref.WeakKeyDictionary[nn.Module, _Controller]" = weakref.WeakKeyDictionary()
+_CONTROLLERS: weakref.WeakKeyDictionary[nn.Module, _Controller] = weakref.WeakKeyDictionary()
 
 
 @contextmanager

@@ -67,7 +67,8 @@ def tiny_config(architecture: str, vocab_size: int, **overrides):
         "deepseek_v2": dict(n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32,
                             intermediate_size=96, first_k_dense_replace=1, kv_lora_rank=16,
                             q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=16,
-                            v_head_dim=16, num_key_value_heads=2, topk_method="greedy", routed_scaling_factor=1.5,
+                            v_head_dim=16, num_key_value_heads=2, topk_method="greedy",
+                            routed_scaling_factor=1.5,
                             n_group=1, topk_group=1),
     }
     if architecture not in per_architecture:
@@ -94,7 +95,8 @@ def tiny_model(architecture: str, *, seed: int = 0, router_std: float = 1.0,
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("mlp.gate.weight"):
-                param.copy_(torch.randn(param.shape, generator=generator) * router_std / param.shape[1] ** 0.5)
+                scale = router_std / param.shape[1] ** 0.5
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
     return model.eval()
 
 

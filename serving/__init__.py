@@ -1,0 +1,1 @@
+"""Serving gateway: vLLM behind Ray Serve, routing telemetry, attack probes. Built on moe_routing."""

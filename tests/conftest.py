@@ -22,7 +22,7 @@ ARCHITECTURES = [
 ARCH_IDS = [a[0] for a in ARCHITECTURES]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(arch_id: str):
     _, architecture, overrides = next(a for a in ARCHITECTURES if a[0] == arch_id)
     return tiny_model(architecture, seed=0, **overrides)

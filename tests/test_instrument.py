@@ -263,7 +263,8 @@ def test_capture_attributes_tokens_under_generate(model, batch):
         # The last new token is never fed back, so new_tokens - 1 generated rows.
         assert int(generated.sum()) == new_tokens - 1
         assert trace.position[prompt].tolist() == list(range(prompt_length))
-        assert trace.position[generated].tolist() == list(range(prompt_length, prompt_length + new_tokens - 1))
+        fed_back = range(prompt_length, prompt_length + new_tokens - 1)
+        assert trace.position[generated].tolist() == list(fed_back)
     assert trace.expert_ids.shape == (trace.num_tokens, moe.num_layers, moe.top_k)
     assert trace.probs.shape == (trace.num_tokens, moe.num_layers, moe.num_experts)
     assert torch.allclose(trace.probs.sum(-1), torch.ones(trace.num_tokens, moe.num_layers))
@@ -298,7 +299,7 @@ def test_capture_matches_router_outputs(model, batch):
             h.remove()
     trace = capture.trace()
     valid = batch["attention_mask"].reshape(-1).bool()
-    for layer, (logits, weights, indices) in seen.items():
+    for layer, (_, weights, indices) in seen.items():
         assert torch.equal(trace.expert_ids[:, layer], indices[valid])
         assert torch.equal(trace.weights[:, layer], weights[valid].float())
 

@@ -112,8 +112,9 @@ def test_ray_sharded_profile_equals_single_process(ray_cluster, tmp_path, archit
 
 @pytest.mark.ray
 def test_ray_worker_error_is_clear(ray_cluster, tmp_path):
-    from moe_routing.architectures import UnsupportedArchitectureError
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moe_routing.architectures import UnsupportedArchitectureError
 
     LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
                                  num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path)

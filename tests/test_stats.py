@@ -10,8 +10,8 @@ import pytest
 
 from moe_routing.stats import (
     RoutingCounts,
-    concentration,
     coactivation_rate,
+    concentration,
     expert_frequency,
     risk_difference,
     safety_critical_ranking,
