@@ -140,6 +140,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
 
     from moe_routing.architectures import check_supported
 
+    text = str(path)
+    if not Path(text).exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1):
+        raise ValueError(f"checkpoint directory not found: {text}")
     check_supported(AutoConfig.from_pretrained(path))  # clear error before loading any weights
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
@@ -197,3 +200,128 @@ def profile_routing_ray(
             ray.get(done)  # surface a worker's error as soon as it happens
             bar.update(len(done))
     return RoutingCounts.merge(ray.get(refs))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
+    """Prompts from a file: .txt (one per line), .jsonl (objects with ``field``, or strings)
+    or .json (a list of strings or of objects with ``field``)."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompt file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".txt":
+        return [line for line in text.splitlines() if line.strip()]
+    if path.suffix not in (".jsonl", ".json"):
+        raise ValueError(f"{path}: unsupported prompt file type {path.suffix!r} "
+                         "(use .txt, .jsonl or .json)")
+    try:
+        if path.suffix == ".json":
+            records = json.loads(text)
+            if not isinstance(records, list):
+                raise ValueError(f"{path}: expected a JSON list of prompts")
+        else:
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON ({error})") from None
+    prompts = []
+    for i, record in enumerate(records):
+        if isinstance(record, dict):
+            if field not in record:
+                raise ValueError(f"{path}: record {i} has no field {field!r} (see --field)")
+            record = record[field]
+        if not isinstance(record, str):
+            raise ValueError(f"{path}: record {i} is not a string prompt")
+        prompts.append(record)
+    return prompts
+
+
+def _summary(counts: RoutingCounts) -> dict:
+    from moe_routing.stats import concentration, expert_frequency
+
+    conc = concentration(counts.hits, top_n=counts.top_k)
+    return {
+        "sequences": counts.num_sequences,
+        "tokens": counts.num_tokens,
+        "frequency": expert_frequency(counts).round(5).tolist(),
+        "concentration": {
+            name: np.asarray(getattr(conc, name)).round(5).tolist()
+            for name in ("normalized_entropy", "gini", "top_share", "effective_experts")
+        },
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mesa-profile``: routing profile of a checkpoint over prompt files."""
+    import argparse
+    import json
+    from dataclasses import asdict
+
+    from moe_routing.stats import safety_critical_ranking
+
+    parser = argparse.ArgumentParser(
+        prog="mesa-profile",
+        description="Profile a MoE checkpoint's routing over prompts; with --compare, rank the "
+        "(layer, expert) pairs that separate the two sets (risk difference + bootstrap stability).",
+    )
+    parser.add_argument("--checkpoint", required=True, help="HF checkpoint directory or hub id")
+    parser.add_argument("--prompts", required=True, help="prompt file (.txt, .jsonl, .json)")
+    parser.add_argument("--compare", help="second prompt file, e.g. benign prompts")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--field", default="prompt", help="JSON field holding the prompt")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--format", choices=("chat", "raw"), default="chat", dest="prompt_format")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="Ray workers; 0 profiles in this process (default)")
+    parser.add_argument("--device", default="cpu", help="device for in-process profiling")
+    parser.add_argument("--top-n", type=int, default=10, help="pairs to rank with --compare")
+    parser.add_argument("--bootstrap", type=int, default=100, help="bootstrap replicates")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    try:
+        settings = ProfileSettings(args.batch_size, args.max_length, args.prompt_format)
+        if args.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {args.workers}")
+        sets = {"prompts": read_prompts(args.prompts, args.field)}
+        if args.compare:
+            sets["compare"] = read_prompts(args.compare, args.field)
+        for prompts in sets.values():
+            _check_prompts(prompts)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.workers:
+            profiles = {name: profile_routing_ray(args.checkpoint, prompts, settings,
+                                                  num_workers=args.workers)
+                        for name, prompts in sets.items()}
+        else:
+            model, tokenizer = load_checkpoint(args.checkpoint, device=args.device)
+            profiles = {name: profile_routing(model, tokenizer, prompts, settings)
+                        for name, prompts in sets.items()}
+        report = {"checkpoint": str(args.checkpoint), "settings": asdict(settings),
+                  "files": {"prompts": args.prompts, "compare": args.compare}, "seed": args.seed}
+        for name, counts in profiles.items():
+            counts.save(out / f"counts_{name}.npz")
+            report[name] = _summary(counts)
+        if args.compare:
+            ranking = safety_critical_ranking(profiles["prompts"], profiles["compare"],
+                                              top_n=args.top_n, n_bootstrap=args.bootstrap,
+                                              seed=args.seed)
+            report["ranking"] = [asdict(score) for score in ranking]
+        (out / "profile.json").write_text(json.dumps(report, indent=2))
+    except (ValueError, OSError) as error:
+        parser.exit(2, f"mesa-profile: error: {error}\n")
+    print(f"wrote {out / 'profile.json'}")
+    for score in report.get("ranking", []):
+        print(f"layer {score['layer']:3d} expert {score['expert']:4d}  "
+              f"risk difference {score['risk_difference']:+.4f}  stability {score['stability']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
