@@ -6,13 +6,20 @@ each load the checkpoint and profile their shard, then merges the integer counts
 
 Shards are cut on batch boundaries, so every worker sees exactly the batches the single process
 would (same padding, same shapes): the merged counts equal single-process counts exactly.
+
+Long profiles resume: with ``resume_path`` (or ``resume_dir`` on Ray) the counts so far are saved
+atomically every few batches, fingerprinted by prompts and settings; a rerun continues after the
+last saved batch and a rerun of a finished profile returns at once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -87,6 +94,40 @@ def counts_from_trace(trace: RoutingTrace, num_sequences: int, moe: MoEModel) ->
     )
 
 
+def _fingerprint(prompts: Sequence[str], settings: ProfileSettings) -> str:
+    digest = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode())
+    for prompt in prompts:
+        digest.update(prompt.encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def _load_partial(path: Path, fingerprint: str) -> RoutingCounts | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            arrays = {name: saved[name] for name in saved.files}
+        counts = RoutingCounts(arrays["sequence_hits"], arrays["sequence_tokens"],
+                               arrays["coactivation"], int(arrays["top_k"]))
+        saved_fingerprint = str(arrays["fingerprint"])
+    except (OSError, KeyError, EOFError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable partial profile ({error})") from None
+    if saved_fingerprint != fingerprint:
+        raise ValueError(f"{path} holds a partial profile of other prompts or settings; "
+                         "remove it or choose another resume path")
+    return counts
+
+
+def _save_partial(path: Path, fingerprint: str, counts: RoutingCounts) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as handle:  # a file object, so numpy adds no suffix
+        np.savez(handle, fingerprint=np.array(fingerprint), sequence_hits=counts.sequence_hits,
+                 sequence_tokens=counts.sequence_tokens, coactivation=counts.coactivation,
+                 top_k=np.int64(counts.top_k))
+    os.replace(temporary, path)  # atomic: a crash never leaves a half-written profile
+
+
 @torch.inference_mode()
 def profile_routing(
     model,
@@ -95,16 +136,33 @@ def profile_routing(
     settings: ProfileSettings = ProfileSettings(),
     *,
     progress: bool = True,
+    resume_path: str | Path | None = None,
+    save_every: int = 10,
 ) -> RoutingCounts:
-    """Routing counts of ``model`` over the prompt tokens of ``prompts``, in dataset order."""
+    """Routing counts of ``model`` over the prompt tokens of ``prompts``, in dataset order.
+
+    With ``resume_path``, counts so far are saved there every ``save_every`` batches and at the
+    end, and a rerun with the same prompts and settings resumes after the last saved batch. The
+    path identifies the model: use one per model (e.g. inside the job's output directory).
+    """
     prompts = _check_prompts(prompts)
     moe = describe(model)
     texts = format_prompts(tokenizer, prompts, settings.prompt_format)
     device = next(model.parameters()).device
-    parts = []
-    batches = range(0, len(texts), settings.batch_size)
+    parts: list[RoutingCounts] = []
+    fingerprint = _fingerprint(prompts, settings) if resume_path is not None else ""
+    if resume_path is not None:
+        resume_path = Path(resume_path)
+        saved = _load_partial(resume_path, fingerprint)
+        if saved is not None:
+            parts.append(saved)
+    done = parts[0].num_sequences if parts else 0
+    if done == len(texts):
+        return parts[0]
+    batches = range(done, len(texts), settings.batch_size)
     with capture_routing(model, probabilities=False) as capture:
-        for start in tqdm(batches, desc="profiling routing", unit="batch", disable=not progress):
+        bar = tqdm(batches, desc="profiling routing", unit="batch", disable=not progress)
+        for number, start in enumerate(bar, start=1):
             batch = texts[start : start + settings.batch_size]
             inputs = tokenizer(
                 batch,
@@ -116,8 +174,11 @@ def profile_routing(
             ).to(device)
             model(**inputs, use_cache=False)
             trace = capture.drain()
-            trace.sequence -= start  # the capture numbers sequences across all batches
+            trace.sequence -= start - done  # the capture numbers sequences across all batches
             parts.append(counts_from_trace(trace, len(batch), moe))
+            if resume_path is not None and (number % save_every == 0 or start + len(batch) == len(texts)):
+                parts = [RoutingCounts.merge(parts)]
+                _save_partial(resume_path, fingerprint, parts[0])
     return RoutingCounts.merge(parts)
 
 
@@ -152,12 +213,14 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
     return model, tokenizer
 
 
-def _profile_shard(checkpoint: str, prompts: list[str], settings: ProfileSettings, threads: int | None):
+def _profile_shard(checkpoint: str, prompts: list[str], settings: ProfileSettings,
+                   threads: int | None, resume_path: str | None):
     if threads:
         torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_checkpoint(checkpoint, device=device)
-    return profile_routing(model, tokenizer, prompts, settings, progress=False)
+    return profile_routing(model, tokenizer, prompts, settings, progress=False,
+                           resume_path=resume_path)
 
 
 def profile_routing_ray(
@@ -170,12 +233,15 @@ def profile_routing_ray(
     cpus_per_worker: float = 1,
     torch_threads: int | None = None,
     progress: bool = True,
+    resume_dir: str | Path | None = None,
 ) -> RoutingCounts:
     """Profile ``checkpoint`` over ``prompts`` on Ray workers and merge their counts.
 
     Joins the running Ray cluster (``RAY_ADDRESS``) or starts a local one. By default one worker
     per GPU when the cluster has GPUs, else one per CPU. ``torch_threads`` pins each worker's
-    intra-op threads (defaults to Ray's per-worker setting).
+    intra-op threads (defaults to Ray's per-worker setting). With ``resume_dir`` (a directory
+    every worker can write: local, or a shared filesystem on a multi-node cluster) each shard
+    saves and resumes its own partial counts, named by its prompt range.
     """
     import ray
 
@@ -192,7 +258,12 @@ def profile_routing_ray(
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     task = ray.remote(_profile_shard).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
     bounds = _shard_bounds(len(prompts), settings.batch_size, num_workers)
-    refs = [task.remote(str(checkpoint), prompts[a:b], settings, torch_threads) for a, b in bounds]
+    shard_paths = [
+        str(Path(resume_dir) / f"shard-{a:08d}-{b:08d}.npz") if resume_dir is not None else None
+        for a, b in bounds
+    ]
+    refs = [task.remote(str(checkpoint), prompts[a:b], settings, torch_threads, path)
+            for (a, b), path in zip(bounds, shard_paths)]
     pending = list(refs)
     with tqdm(total=len(refs), desc="profiling shards", unit="shard", disable=not progress) as bar:
         while pending:
@@ -208,8 +279,6 @@ def profile_routing_ray(
 def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
     """Prompts from a file: .txt (one per line), .jsonl (objects with ``field``, or strings)
     or .json (a list of strings or of objects with ``field``)."""
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"prompt file not found: {path}")
@@ -258,8 +327,6 @@ def _summary(counts: RoutingCounts) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """``mesa-profile``: routing profile of a checkpoint over prompt files."""
     import argparse
-    import json
-    from dataclasses import asdict
 
     from moe_routing.stats import safety_critical_ranking
 
@@ -282,6 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--top-n", type=int, default=10, help="pairs to rank with --compare")
     parser.add_argument("--bootstrap", type=int, default=100, help="bootstrap replicates")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-resume", action="store_true",
+                        help="ignore and overwrite partial counts in OUT/partial from an earlier run")
     args = parser.parse_args(argv)
 
     try:
@@ -295,13 +364,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_prompts(prompts)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        partial = out / "partial"  # a rerun of the same command resumes from here
+        if args.no_resume and partial.exists():
+            for stale in partial.rglob("*.npz"):
+                stale.unlink()
         if args.workers:
             profiles = {name: profile_routing_ray(args.checkpoint, prompts, settings,
-                                                  num_workers=args.workers)
+                                                  num_workers=args.workers,
+                                                  resume_dir=partial / name)
                         for name, prompts in sets.items()}
         else:
             model, tokenizer = load_checkpoint(args.checkpoint, device=args.device)
-            profiles = {name: profile_routing(model, tokenizer, prompts, settings)
+            profiles = {name: profile_routing(model, tokenizer, prompts, settings,
+                                              resume_path=partial / f"{name}.npz")
                         for name, prompts in sets.items()}
         report = {"checkpoint": str(args.checkpoint), "settings": asdict(settings),
                   "files": {"prompts": args.prompts, "compare": args.compare}, "seed": args.seed}

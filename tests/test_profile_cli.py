@@ -55,6 +55,14 @@ def test_profile_and_compare(checkpoint, prompt_files, tmp_path, capsys):
     assert rds == sorted(rds, reverse=True)
     assert np.allclose(np.sum(report["prompts"]["frequency"], axis=1), counts.top_k)
     assert "stability" in capsys.readouterr().out
+    # A rerun of the same command resumes from OUT/partial; --no-resume starts over.
+    assert sorted(p.name for p in (out / "partial").glob("*.npz")) == ["compare.npz", "prompts.npz"]
+    rerun = ["--checkpoint", str(checkpoint), "--prompts", str(txt), "--out", str(out),
+             "--batch-size", "6"]
+    with pytest.raises(SystemExit, match="2"):
+        main(rerun)  # other settings than the saved partial counts
+    assert "holds a partial profile of other prompts or settings" in capsys.readouterr().err
+    assert main([*rerun, "--no-resume"]) == 0
 
 
 @pytest.mark.parametrize(

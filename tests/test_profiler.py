@@ -120,3 +120,67 @@ def test_ray_worker_error_is_clear(ray_cluster, tmp_path):
                                  num_hidden_layers=1, num_attention_heads=2)).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitectureError, match="unsupported model architecture 'llama'"):
         profile_routing_ray(tmp_path, ["hello"], progress=False)
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _count_forwards(model, crash_at: int | None = None):
+    """Count model forwards; optionally raise on forward number ``crash_at`` (a dying job)."""
+    calls = []
+
+    def hook(module, args):
+        calls.append(1)
+        if crash_at is not None and len(calls) == crash_at:
+            raise _Crash("job died")
+
+    return calls, model.model.register_forward_pre_hook(hook)
+
+
+def test_profile_resumes_after_a_crash(model, tokenizer, tmp_path):
+    settings = ProfileSettings(batch_size=4)  # 29 prompts: 8 batches
+    fresh = profile_routing(model, tokenizer, PROMPTS, settings, progress=False)
+    path = tmp_path / "partial.npz"
+    calls, handle = _count_forwards(model, crash_at=4)
+    try:
+        with pytest.raises(_Crash):
+            profile_routing(model, tokenizer, PROMPTS, settings, progress=False,
+                            resume_path=path, save_every=2)
+    finally:
+        handle.remove()
+    calls, handle = _count_forwards(model)
+    try:
+        resumed = profile_routing(model, tokenizer, PROMPTS, settings, progress=False,
+                                  resume_path=path, save_every=2)
+        assert len(calls) == 8 - 2  # batches 1-2 were saved before batch 4 crashed
+        again = profile_routing(model, tokenizer, PROMPTS, settings, progress=False,
+                                resume_path=path)
+        assert len(calls) == 6  # a finished profile returns without running the model
+    finally:
+        handle.remove()
+    for counts in (resumed, again):
+        assert np.array_equal(counts.sequence_hits, fresh.sequence_hits)
+        assert np.array_equal(counts.sequence_tokens, fresh.sequence_tokens)
+        assert np.array_equal(counts.coactivation, fresh.coactivation)
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(ValueError, match="holds a partial profile of other prompts or settings"):
+        profile_routing(model, tokenizer, PROMPTS[:-1], settings, progress=False, resume_path=path)
+    path.write_bytes(b"not a numpy file")
+    with pytest.raises(ValueError, match="is not a readable partial profile"):
+        profile_routing(model, tokenizer, PROMPTS, settings, progress=False, resume_path=path)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_shards_save_and_resume(ray_cluster, tmp_path):
+    checkpoint = save_tiny_checkpoint("mixtral", tmp_path / "mixtral")
+    settings = ProfileSettings(batch_size=4)
+    first = profile_routing_ray(checkpoint, PROMPTS, settings, num_workers=2, progress=False,
+                                resume_dir=tmp_path / "partial")
+    shards = sorted(p.name for p in (tmp_path / "partial").glob("*.npz"))
+    assert shards == ["shard-00000000-00000016.npz", "shard-00000016-00000029.npz"]
+    second = profile_routing_ray(checkpoint, PROMPTS, settings, num_workers=2, progress=False,
+                                 resume_dir=tmp_path / "partial")
+    assert np.array_equal(first.sequence_hits, second.sequence_hits)
+    assert np.array_equal(first.coactivation, second.coactivation)
