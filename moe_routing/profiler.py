@@ -146,6 +146,8 @@ def profile_routing(
     path identifies the model: use one per model (e.g. inside the job's output directory).
     """
     prompts = _check_prompts(prompts)
+    if save_every < 1:
+        raise ValueError(f"save_every must be >= 1 batch, got {save_every}")
     moe = describe(model)
     texts = format_prompts(tokenizer, prompts, settings.prompt_format)
     device = next(model.parameters()).device
