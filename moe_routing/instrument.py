@@ -270,10 +270,10 @@ _CONTROLLERS: weakref.WeakKeyDictionary[nn.Module, _Controller] = weakref.WeakKe
 
 
 @contextmanager
-def _registered(model: nn.Module, kind: str, item) -> Iterator[_Controller]:
+def _registered(model: nn.Module, moe: MoEModel, kind: str, item) -> Iterator[_Controller]:
     controller = _CONTROLLERS.get(model)
     if controller is None:
-        controller = _CONTROLLERS[model] = _Controller(model, describe(model))
+        controller = _CONTROLLERS[model] = _Controller(model, moe)
     getattr(controller, kind).append(item)
     try:
         yield controller
@@ -308,7 +308,7 @@ def capture_routing(model: nn.Module, *, probabilities: bool = True) -> Iterator
     """
     moe = describe(model)
     capture = RoutingCapture(moe, probabilities)
-    with _registered(model, "captures", capture):
+    with _registered(model, moe, "captures", capture):
         yield capture
 
 
@@ -327,7 +327,7 @@ def mask_experts(
                 f"cannot mask {len(experts)} of {moe.num_experts} experts in MoE layer {layer}: "
                 f"at least top_k={moe.top_k} must stay routable"
             )
-    with _registered(model, "modifiers", _ExpertMask(by_layer, float(bias))):
+    with _registered(model, moe, "modifiers", _ExpertMask(by_layer, float(bias))):
         yield
 
 
@@ -352,7 +352,7 @@ def scale_routing(
         for layer in layer_set:
             moe.check_expert(layer, 0)
     by_layer = _group_pairs(moe, experts) if experts is not None else None
-    with _registered(model, "modifiers", _RoutingScale(float(factor), layer_set, by_layer)):
+    with _registered(model, moe, "modifiers", _RoutingScale(float(factor), layer_set, by_layer)):
         yield
 
 
@@ -369,5 +369,5 @@ def force_experts(model: nn.Module, forced: Mapping[int, Iterable[int]]) -> Iter
                 f"MoE layer {layer}: can force 1..top_k={moe.top_k} distinct experts, got {len(chosen)}"
             )
         by_layer[int(layer)] = chosen
-    with _registered(model, "modifiers", _ForcedExperts(by_layer)):
+    with _registered(model, moe, "modifiers", _ForcedExperts(by_layer)):
         yield
