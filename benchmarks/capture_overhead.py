@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from moe_routing.profiler import ProfileSettings, format_prompts, profile_routing
+from moe_routing.profiler import ProfileSettings, format_prompts, profile_routing, tokenize_batch
 from moe_routing.tiny import byte_tokenizer, tiny_model
 
 
@@ -25,9 +25,8 @@ def plain_forward(model, tokenizer, prompts, settings):
     tokens = 0
     with torch.inference_mode():
         for start in range(0, len(texts), settings.batch_size):
-            inputs = tokenizer(texts[start : start + settings.batch_size], return_tensors="pt",
-                               padding=True, truncation=True, max_length=settings.max_length,
-                               add_special_tokens=False)
+            inputs = tokenize_batch(tokenizer, texts[start : start + settings.batch_size],
+                                    settings, "cpu")
             model(**inputs, use_cache=False)
             tokens += int(inputs["attention_mask"].sum())
     return tokens

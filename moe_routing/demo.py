@@ -19,8 +19,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-
 from moe_routing.instrument import mask_experts
 from moe_routing.profiler import (
     ProfileSettings,
@@ -97,8 +95,7 @@ def main() -> None:
         "prompts_per_set": args.prompts,
         "ray_workers": args.workers,
         "tokens": {"arithmetic": counts_a.num_tokens, "wordplay": counts_b.num_tokens},
-        "concentration": {k: np.asarray(getattr(conc, k)).round(4).tolist()
-                          for k in ("normalized_entropy", "gini", "top_share", "effective_experts")},
+        "concentration": conc.to_dict(decimals=4),
         "ranking": [asdict(s) for s in ranking],
         "masked_frequency": {f"{l}:{e}": [round(float(before[l, e]), 4), round(float(after[l, e]), 4)]
                              for l, e in pairs},

@@ -27,9 +27,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from moe_routing.architectures import MoEModel, describe
+from moe_routing.architectures import MoEModel, check_supported, describe
 from moe_routing.instrument import RoutingTrace, capture_routing
-from moe_routing.stats import RoutingCounts
+from moe_routing.stats import (
+    RoutingCounts,
+    concentration,
+    expert_frequency,
+    safety_critical_ranking,
+)
 
 PromptFormat = Literal["chat", "raw"]
 
@@ -73,6 +78,18 @@ def format_prompts(tokenizer, prompts: Sequence[str], prompt_format: PromptForma
         )
         for p in prompts
     ]
+
+
+def tokenize_batch(tokenizer, texts: Sequence[str], settings: ProfileSettings, device):
+    """Model inputs of one batch of formatted prompts (padded, truncated to max_length)."""
+    return tokenizer(
+        list(texts),
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=settings.max_length,
+        add_special_tokens=False,
+    ).to(device)
 
 
 def counts_from_trace(trace: RoutingTrace, num_sequences: int, moe: MoEModel) -> RoutingCounts:
@@ -166,15 +183,7 @@ def profile_routing(
         bar = tqdm(batches, desc="profiling routing", unit="batch", disable=not progress)
         for number, start in enumerate(bar, start=1):
             batch = texts[start : start + settings.batch_size]
-            inputs = tokenizer(
-                batch,
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=settings.max_length,
-                add_special_tokens=False,
-            ).to(device)
-            model(**inputs, use_cache=False)
+            model(**tokenize_batch(tokenizer, batch, settings, device), use_cache=False)
             trace = capture.drain()
             trace.sequence -= start - done  # the capture numbers sequences across all batches
             parts.append(counts_from_trace(trace, len(batch), moe))
@@ -200,8 +209,6 @@ def _shard_bounds(num_prompts: int, batch_size: int, num_shards: int) -> list[tu
 def load_checkpoint(path: str | Path, device: str = "cpu", dtype: torch.dtype | str = "auto"):
     """Model and tokenizer from an HF checkpoint directory or hub id, checked before loading."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from moe_routing.architectures import check_supported
 
     text = str(path)
     if not Path(text).exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1):
@@ -312,25 +319,17 @@ def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
 
 
 def _summary(counts: RoutingCounts) -> dict:
-    from moe_routing.stats import concentration, expert_frequency
-
-    conc = concentration(counts.hits, top_n=counts.top_k)
     return {
         "sequences": counts.num_sequences,
         "tokens": counts.num_tokens,
         "frequency": expert_frequency(counts).round(5).tolist(),
-        "concentration": {
-            name: np.asarray(getattr(conc, name)).round(5).tolist()
-            for name in ("normalized_entropy", "gini", "top_share", "effective_experts")
-        },
+        "concentration": concentration(counts.hits, top_n=counts.top_k).to_dict(),
     }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``mesa-profile``: routing profile of a checkpoint over prompt files."""
     import argparse
-
-    from moe_routing.stats import safety_critical_ranking
 
     parser = argparse.ArgumentParser(
         prog="mesa-profile",

@@ -241,6 +241,12 @@ class Concentration:
     effective_experts: np.ndarray  # exp(H(p)) in [1, E]
     top_n: int
 
+    def to_dict(self, decimals: int = 5) -> dict:
+        """JSON-ready per-layer lists (NaN for a zero-load layer stays NaN)."""
+        measures = ("normalized_entropy", "gini", "top_share", "effective_experts")
+        out = {name: np.round(getattr(self, name), decimals).tolist() for name in measures}
+        return {**out, "top_n": self.top_n}
+
 
 def concentration(hits: np.ndarray, top_n: int) -> Concentration:
     """Concentration of loads x[l, e] >= 0 (counts or frequencies), [L, E] or [E] (= one layer).

@@ -281,3 +281,14 @@ def test_concentration_bad_input():
         concentration(np.array([1.0, 2.0]), top_n=3)
     with pytest.raises(ValueError, match=r"must be \[L, E\] or \[E\]"):
         concentration(np.ones((2, 2, 2)), top_n=1)
+
+
+def test_concentration_to_dict_is_json_ready():
+    import json
+
+    conc = concentration(np.array([[1, 1, 1, 1], [4, 0, 0, 0], [0, 0, 0, 0]]), top_n=2)
+    d = json.loads(json.dumps(conc.to_dict(decimals=3)))
+    assert d["top_n"] == 2
+    assert d["normalized_entropy"][:2] == [1.0, 0.0]
+    assert d["gini"][:2] == [0.0, 0.75] and d["top_share"][:2] == [0.5, 1.0]
+    assert np.isnan(d["effective_experts"][2])  # a zero-load layer stays NaN
