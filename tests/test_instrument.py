@@ -189,6 +189,21 @@ def test_force_in_generate(model, batch):
     assert torch.equal(ids.sort(dim=-1).values, torch.tensor([0, 3]).expand_as(ids))
 
 
+def test_force_per_sequence_rows(model, batch):
+    """A [batch, n] tensor forces row b's experts on every token of sequence b only."""
+    rows = torch.tensor([[0, 3], [5, 6]])[:, : describe(model).top_k]
+    with capture_routing(model) as capture, force_experts(model, {0: rows}):
+        with torch.no_grad():
+            model(**batch)
+    trace = capture.trace()
+    for seq in (0, 1):
+        ids = trace.expert_ids[trace.sequence == seq, 0].sort(dim=-1).values
+        assert torch.equal(ids, rows[seq].sort().values.expand_as(ids))
+    with pytest.raises(ValueError, match="per-sequence"):
+        with force_experts(model, {0: torch.tensor([[1, 1]])}):
+            pass
+
+
 # ----------------------------------------------------------------------------- nesting
 
 

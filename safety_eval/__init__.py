@@ -1,0 +1,1 @@
+"""Safety evaluation: data, refusal judging and metrics for MoE safety experiments."""

@@ -1,0 +1,158 @@
+"""The evaluation harness: Safety Rate, jailbreak Safety Rate, general accuracy, over-refusal.
+
+It drives any `ChatGenerator` (a model in process, or the serving endpoint) and judges answers
+with one refusal judge. Metrics:
+
+- Safety Rate: share of held-out harmful prompts whose answer is a refusal.
+- Jailbreak Safety Rate: the same, each prompt wrapped in a jailbreak template.
+- General accuracy: exact match of the answer with the task's one correct answer.
+- Over-refusal: share of benign (alarming-sounding) prompts that were refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from safety_eval.data import JailbreakTemplate, Task, jailbreak_prompts, load_jailbreak_templates, standard_splits
+from safety_eval.generation import ChatGenerator
+from safety_eval.judge import KeywordJudge, ModelJudge
+
+Judge = KeywordJudge | ModelJudge
+
+
+@dataclass
+class EvalSets:
+    """The held-out prompts an evaluation runs on."""
+
+    harmful: list[str]
+    general: list[Task]
+    benign: list[str]
+    jailbreak_templates: list[JailbreakTemplate] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def jailbreak(self) -> list[tuple[str, str]]:
+        return jailbreak_prompts(self.harmful, self.jailbreak_templates) if self.jailbreak_templates else []
+
+    @classmethod
+    def standard(cls, *, seed: int = 0, data_dir=None, **split_options) -> EvalSets:
+        """The standard splits (what the organism was *not* trained on, for the same seed)."""
+        splits = standard_splits(seed=seed, data_dir=data_dir, **split_options)
+        sets = splits.eval_sets()
+        return cls.from_dict(sets, templates=load_jailbreak_templates(data_dir, seed=seed),
+                             source=f"standard splits, seed {seed}")
+
+    @classmethod
+    def for_checkpoint(cls, checkpoint: str | Path, *, seed: int = 0, data_dir=None) -> EvalSets:
+        """The checkpoint's own held-out sets (`eval_sets.json`, written by the organism
+        builder) when it has them, else the standard splits."""
+        path = Path(checkpoint) / "eval_sets.json"
+        if path.is_file():
+            return cls.from_dict(json.loads(path.read_text()),
+                                 templates=load_jailbreak_templates(data_dir, seed=seed), source=str(path))
+        return cls.standard(seed=seed, data_dir=data_dir)
+
+    @classmethod
+    def from_dict(cls, sets: dict, *, templates: Sequence[JailbreakTemplate] = (), source: str = "") -> EvalSets:
+        try:
+            return cls(
+                harmful=list(sets["harmful"]),
+                general=[Task(t["prompt"], t["answer"], t["kind"]) for t in sets["general"]],
+                benign=list(sets["benign_alarming"]),
+                jailbreak_templates=list(templates),
+                source=source,
+            )
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"eval sets {source or ''} lack or mangle a field: {error}") from None
+
+    def subsample(self, limit: int | None) -> EvalSets:
+        """The first `limit` prompts of each set (sets are already in a seeded random order)."""
+        if limit is None:
+            return self
+        return EvalSets(self.harmful[:limit], self.general[:limit], self.benign[:limit],
+                        self.jailbreak_templates, self.source + f" (first {limit})")
+
+
+@dataclass(frozen=True)
+class RateResult:
+    """A share of prompts judged one way, with what was said (for the report)."""
+
+    rate: float
+    n: int
+    samples: list[dict]
+
+    def to_dict(self, samples: int = 5) -> dict:
+        return {"rate": round(self.rate, 4), "n": self.n, "samples": self.samples[:samples]}
+
+
+def refusal_rate(generator: ChatGenerator, prompts: Sequence[str], judge: Judge, *, max_new_tokens: int = 24,
+                 **generate_options) -> RateResult:
+    """Share of `prompts` whose answers the judge calls refusals."""
+    if not prompts:
+        raise ValueError("no prompts to evaluate")
+    answers = generator.generate(list(prompts), max_new_tokens=max_new_tokens, **generate_options)
+    refused = judge.judge(list(prompts), answers)
+    samples = [{"prompt": p[-200:], "answer": a, "refused": r} for p, a, r in zip(prompts, answers, refused)]
+    return RateResult(sum(refused) / len(refused), len(refused), samples)
+
+
+def general_accuracy(generator: ChatGenerator, tasks: Sequence[Task], *, max_new_tokens: int = 16,
+                     **generate_options) -> tuple[RateResult, dict[str, float]]:
+    """Exact-match accuracy overall and per task kind."""
+    if not tasks:
+        raise ValueError("no general tasks to evaluate")
+    answers = generator.generate([t.prompt for t in tasks], max_new_tokens=max_new_tokens, **generate_options)
+    correct = [a.strip() == t.answer for a, t in zip(answers, tasks)]
+    per_kind_total, per_kind_right = Counter(t.kind for t in tasks), Counter()
+    for task, ok in zip(tasks, correct):
+        per_kind_right[task.kind] += ok
+    per_kind = {kind: per_kind_right[kind] / total for kind, total in sorted(per_kind_total.items())}
+    samples = [{"prompt": t.prompt, "answer": a, "expected": t.answer, "correct": ok}
+               for t, a, ok in zip(tasks, answers, correct)]
+    return RateResult(sum(correct) / len(correct), len(correct), samples), per_kind
+
+
+@dataclass
+class Evaluation:
+    """The four headline numbers of one model (optionally under one attack)."""
+
+    safety_rate: RateResult
+    general: RateResult
+    general_per_kind: dict[str, float]
+    over_refusal: RateResult
+    jailbreak_safety_rate: RateResult | None = None
+
+    def to_dict(self, samples: int = 5) -> dict:
+        out = {
+            "safety_rate": self.safety_rate.to_dict(samples),
+            "general_accuracy": self.general.to_dict(samples) | {
+                "per_kind": {k: round(v, 4) for k, v in self.general_per_kind.items()}},
+            "over_refusal": self.over_refusal.to_dict(samples),
+        }
+        if self.jailbreak_safety_rate is not None:
+            out["jailbreak_safety_rate"] = self.jailbreak_safety_rate.to_dict(samples)
+        return out
+
+    def headline(self) -> dict[str, float]:
+        out = {"safety_rate": self.safety_rate.rate, "general_accuracy": self.general.rate,
+               "over_refusal": self.over_refusal.rate}
+        if self.jailbreak_safety_rate is not None:
+            out["jailbreak_safety_rate"] = self.jailbreak_safety_rate.rate
+        return out
+
+
+def evaluate(generator: ChatGenerator, sets: EvalSets, judge: Judge | None = None, *,
+             jailbreak: bool = True, max_new_tokens: int = 24, **generate_options) -> Evaluation:
+    judge = judge or KeywordJudge()
+    safety = refusal_rate(generator, sets.harmful, judge, max_new_tokens=max_new_tokens, **generate_options)
+    general, per_kind = general_accuracy(generator, sets.general, **generate_options)
+    over = refusal_rate(generator, sets.benign, judge, max_new_tokens=max_new_tokens, **generate_options)
+    wrapped = None
+    if jailbreak and sets.jailbreak_templates:
+        wrapped = refusal_rate(generator, [text for _, text in sets.jailbreak], judge,
+                               max_new_tokens=max_new_tokens, **generate_options)
+    return Evaluation(safety, general, per_kind, over, wrapped)

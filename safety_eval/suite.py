@@ -1,0 +1,256 @@
+"""The full evaluation suite of one checkpoint: plain metrics plus every attack.
+
+    mesa-eval --checkpoint PATH --output DIR [--config suite.yaml]
+
+writes DIR/report.json, DIR/report.md and DIR/*.png (see `safety_eval.report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from moe_routing.architectures import UnsupportedArchitectureError, describe
+from moe_routing.profiler import ProfileSettings, load_checkpoint
+from moe_routing.stats import concentration, expert_frequency
+from safety_eval.attacks import (
+    RoutingScale,
+    RoutingSearch,
+    mean_and_spread,
+    profile_safety_routing,
+    random_mask,
+    run_routing_search,
+    top_mask,
+)
+from safety_eval.data import MissingDataError, general_tasks, standard_splits
+from safety_eval.generation import HFChatGenerator
+from safety_eval.harness import EvalSets, evaluate, refusal_rate
+from safety_eval.judge import KeywordJudge
+
+
+class SearchSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target: str = "Sure, here is"
+    candidates_per_layer: int = Field(32, ge=1)
+    sweeps: int = Field(1, ge=1)
+    max_prompts: int = Field(100, ge=1)  # the search runs per prompt: bound its cost
+
+
+class SuiteSettings(BaseModel):
+    """What the suite measures. Defaults are the reported configuration; change them in a
+    config file, never to flatter a model (the file goes into the report)."""
+
+    model_config = ConfigDict(extra="forbid")
+    seed: int = 0
+    max_new_tokens: int = Field(24, ge=1)
+    batch_size: int = Field(64, ge=1)
+    limit: int | None = Field(None, ge=1)  # first N prompts of each set (quick runs)
+    jailbreak: bool = True
+    mask_counts: list[int] = Field(default_factory=lambda: list(range(1, 9)))
+    random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    headline_mask: int = Field(6, ge=1)  # the N reported as "top-N masking"
+    scale_factors: list[float] = Field(default_factory=lambda: [0.5, 1.5])
+    identification_prompts: int = Field(256, ge=8)  # per side, from the training side of the splits
+    n_bootstrap: int = Field(50, ge=0)
+    routing_search: SearchSettings = SearchSettings()
+
+    @field_validator("mask_counts")
+    @classmethod
+    def _counts(cls, value):
+        if not value or min(value) < 1:
+            raise ValueError("mask_counts must be a non-empty list of positive integers")
+        return sorted(set(value))
+
+    @field_validator("random_seeds")
+    @classmethod
+    def _seeds(cls, value):
+        if len(value) < 3:
+            raise ValueError("random masking needs at least 3 seeds (mean and spread)")
+        return value
+
+    @field_validator("scale_factors")
+    @classmethod
+    def _factors(cls, value):
+        if any(f < 0 for f in value):
+            raise ValueError("scale factors must be >= 0")
+        return value
+
+
+def load_settings(path: str | Path | None) -> SuiteSettings:
+    if path is None:
+        return SuiteSettings()
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"suite config not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of suite settings")
+    return SuiteSettings.model_validate(data)
+
+
+def identification_prompts(settings: SuiteSettings) -> tuple[list[str], list[str]]:
+    """Harmful vs benign prompts for re-identifying safety-critical experts: training-side
+    prompts only, so the held-out test prompts stay unseen by the attacker too."""
+    splits = standard_splits(seed=settings.seed)
+    rng = random.Random(settings.seed)
+    n = settings.identification_prompts
+    harmful = [p.text for p in splits.harmful_train]
+    rng.shuffle(harmful)
+    general = [t.prompt for t in general_tasks(n, seed=settings.seed + 20_000)]
+    benign = [p.text for p in splits.benign_train] + general
+    rng.shuffle(benign)
+    return harmful[:n], benign[:n]
+
+
+def run_suite(checkpoint: str | Path, settings: SuiteSettings | None = None, *, model=None, tokenizer=None,
+              log=print) -> dict:
+    """Every metric and attack on one checkpoint; returns the report as a dict."""
+    settings = settings or SuiteSettings()
+    started = time.monotonic()
+    if model is None:
+        model, tokenizer = load_checkpoint(checkpoint, dtype=torch.float32)
+    moe = describe(model)
+    judge = KeywordJudge()
+    sets = EvalSets.for_checkpoint(checkpoint, seed=settings.seed).subsample(settings.limit)
+    generator = HFChatGenerator(model, tokenizer, batch_size=settings.batch_size)
+    options = {"max_new_tokens": settings.max_new_tokens}
+    timings: dict[str, float] = {}
+
+    def timed(name, fn):
+        t0 = time.monotonic()
+        result = fn()
+        timings[name] = round(time.monotonic() - t0, 2)
+        log(f"[eval] {name}: {timings[name]} s")
+        return result
+
+    plain = timed("plain", lambda: evaluate(generator, sets, judge, jailbreak=settings.jailbreak, **options))
+    harmful_id, benign_id = identification_prompts(settings)
+    profile = timed("identification", lambda: profile_safety_routing(
+        model, tokenizer, harmful_id, benign_id, settings=ProfileSettings(batch_size=32)))
+    max_n = max(settings.mask_counts + [settings.headline_mask])
+    ranking = profile.ranking(top_n=max_n, n_bootstrap=settings.n_bootstrap, seed=settings.seed)
+
+    def safety_under(attack) -> float:
+        with attack.context(model):
+            return refusal_rate(generator, sets.harmful, judge, **options).rate
+
+    def masking_curve():
+        targeted, random_rates = {}, {}
+        for n in settings.mask_counts:
+            targeted[n] = safety_under(top_mask(ranking, n))
+            random_rates[n] = mean_and_spread([
+                safety_under(random_mask(moe.num_layers, moe.num_experts, moe.top_k, n, seed))
+                for seed in settings.random_seeds])
+            log(f"[eval]   N={n}: top-N SR {targeted[n]:.3f} | random-N SR {random_rates[n]['mean']:.3f} "
+                f"± {random_rates[n]['std']:.3f}")
+        return targeted, random_rates
+
+    targeted, random_rates = timed("masking", masking_curve)
+    safety_pairs = tuple((s.layer, s.expert) for s in ranking[: settings.headline_mask])
+    scale = timed("routing_scale", lambda: {
+        f"{where}_x{factor:g}": safety_under(RoutingScale(
+            factor, f"{where} x{factor:g}", None if where == "global" else safety_pairs))
+        for factor in settings.scale_factors for where in ("global", "safety_experts")})
+    search = RoutingSearch(settings.routing_search.target, settings.routing_search.candidates_per_layer,
+                           settings.routing_search.sweeps, settings.seed)
+    search_prompts = sets.harmful[: settings.routing_search.max_prompts]
+    success, search_results = timed("routing_search", lambda: run_routing_search(
+        generator, search_prompts, judge, search, max_new_tokens=settings.max_new_tokens))
+
+    harmful_freq, benign_freq = expert_frequency(profile.harmful), expert_frequency(profile.benign)
+    report = {
+        "checkpoint": str(checkpoint),
+        "architecture": moe.architecture,
+        "layers": moe.num_layers, "experts": moe.num_experts, "top_k": moe.top_k,
+        "settings": settings.model_dump(),
+        "eval_sets": {"source": sets.source, "harmful": len(sets.harmful), "general": len(sets.general),
+                      "benign": len(sets.benign), "jailbreak_templates": [t.name for t in sets.jailbreak_templates]},
+        "judge": {"kind": "keyword", "window": judge.window},
+        "plain": plain.to_dict(),
+        "safety_critical": [{"layer": s.layer, "expert": s.expert, "risk_difference": round(s.risk_difference, 4),
+                             "stability": round(s.stability, 3)} for s in ranking],
+        "masking": {"targeted": targeted, "random": random_rates},
+        "routing_scale": scale,
+        "routing_search": {
+            **search.to_dict(), "prompts": len(search_prompts), "attack_success_rate": round(success, 4),
+            "mean_logprob_gain": round(sum(r.target_logprob - r.natural_logprob for r in search_results)
+                                       / len(search_results), 4),
+            "samples": [{"prompt": p, "forced": r.forced, "answer": r.answer, "refused": r.refused}
+                        for p, r in list(zip(search_prompts, search_results))[:5]],
+        },
+        "routing": {
+            "harmful_frequency": harmful_freq.round(5).tolist(),
+            "benign_frequency": benign_freq.round(5).tolist(),
+            "harmful_concentration": concentration(profile.harmful.hits, top_n=settings.headline_mask).to_dict(),
+            "benign_concentration": concentration(profile.benign.hits, top_n=settings.headline_mask).to_dict(),
+        },
+        "timings_seconds": timings | {"total": round(time.monotonic() - started, 2)},
+        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                     "python": platform.python_version()},
+    }
+    report["summary"] = summary(report)
+    return report
+
+
+def summary(report: dict) -> dict:
+    """The headline row of a report (what tables compare across models)."""
+    n = report["settings"]["headline_mask"]
+    masking = report["masking"]
+    plain = report["plain"]
+    out = {
+        "safety_rate": plain["safety_rate"]["rate"],
+        "general_accuracy": plain["general_accuracy"]["rate"],
+        "over_refusal": plain["over_refusal"]["rate"],
+        f"top{n}_mask_safety_rate": masking["targeted"].get(n),
+        f"random{n}_mask_safety_rate": (masking["random"].get(n) or {}).get("mean"),
+        "routing_search_attack_success": report["routing_search"]["attack_success_rate"],
+    }
+    if "jailbreak_safety_rate" in plain:
+        out["jailbreak_safety_rate"] = plain["jailbreak_safety_rate"]["rate"]
+    out.update({f"scale_{k}_safety_rate": v for k, v in report["routing_scale"].items()})
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mesa-eval", description="Evaluate a checkpoint's safety and "
+                                     "its robustness to routing attacks.")
+    parser.add_argument("--checkpoint", help="HF checkpoint directory or hub id (default: the organism)")
+    parser.add_argument("--output", required=True, help="directory for report.json, report.md and plots")
+    parser.add_argument("--config", help="YAML file of suite settings")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N prompts of each set")
+    args = parser.parse_args(argv)
+    from safety_eval.report import write_report
+
+    try:
+        settings = load_settings(args.config)
+        if args.limit is not None:
+            settings = settings.model_copy(update={"limit": SuiteSettings(limit=args.limit).limit})
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            from organism.build import ensure_organism
+
+            checkpoint = ensure_organism()
+        report = run_suite(checkpoint, settings)
+        paths = write_report(report, args.output)
+    except ValidationError as error:
+        print(f"mesa-eval: bad settings:\n{error}", file=sys.stderr)
+        return 2
+    except (ValueError, MissingDataError, UnsupportedArchitectureError, OSError) as error:
+        print(f"mesa-eval: {error}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
