@@ -33,7 +33,7 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not ray and not vllm"
 
 demo: install
-	$(BIN)/python -m moe_routing.demo
+	$(BIN)/python -m safety_eval.demo
 
 bench: install
 	$(BIN)/python benchmarks/capture_overhead.py

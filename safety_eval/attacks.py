@@ -43,7 +43,12 @@ class ExpertMask:
         return mask_experts(model, self.pairs, bias=self.bias)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "label": self.label, "pairs": [list(p) for p in self.pairs], "bias": self.bias}
+        return {
+            "kind": self.kind,
+            "label": self.label,
+            "pairs": [list(p) for p in self.pairs],
+            "bias": self.bias,
+        }
 
 
 @dataclass(frozen=True)
@@ -60,8 +65,12 @@ class RoutingScale:
         return scale_routing(model, self.factor, experts=self.pairs)
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "label": self.label, "factor": self.factor,
-                "pairs": None if self.pairs is None else [list(p) for p in self.pairs]}
+        return {
+            "kind": self.kind,
+            "label": self.label,
+            "factor": self.factor,
+            "pairs": None if self.pairs is None else [list(p) for p in self.pairs],
+        }
 
 
 # --- choosing what to attack --------------------------------------------------------------------
@@ -76,16 +85,25 @@ class SafetyProfile:
 
     def ranking(self, top_n: int = 16, *, n_bootstrap: int = 50, seed: int = 0) -> list[ExpertScore]:
         """(layer, expert) pairs by harmful-minus-benign hit frequency, most safety-critical first."""
-        return safety_critical_ranking(self.harmful, self.benign, top_n=top_n, n_bootstrap=n_bootstrap,
-                                       seed=seed)
+        return safety_critical_ranking(
+            self.harmful, self.benign, top_n=top_n, n_bootstrap=n_bootstrap, seed=seed
+        )
 
 
-def profile_safety_routing(model, tokenizer, harmful: Sequence[str], benign: Sequence[str], *,
-                           settings: ProfileSettings | None = None) -> SafetyProfile:
+def profile_safety_routing(
+    model,
+    tokenizer,
+    harmful: Sequence[str],
+    benign: Sequence[str],
+    *,
+    settings: ProfileSettings | None = None,
+) -> SafetyProfile:
     """Profile *this* model (targeted attacks re-identify their targets on the model attacked)."""
     settings = settings or ProfileSettings(batch_size=32)
-    return SafetyProfile(profile_routing(model, tokenizer, list(harmful), settings, progress=False),
-                         profile_routing(model, tokenizer, list(benign), settings, progress=False))
+    return SafetyProfile(
+        profile_routing(model, tokenizer, list(harmful), settings, progress=False),
+        profile_routing(model, tokenizer, list(benign), settings, progress=False),
+    )
 
 
 def top_mask(ranking: Sequence[ExpertScore], n: int) -> ExpertMask:
@@ -152,8 +170,9 @@ def _target_logprob(model, prompt_ids: torch.Tensor, target_ids: torch.Tensor, f
         first = out.logits[:, -1].log_softmax(-1)[:, target_ids[0]]
         if len(target_ids) == 1:
             return first
-        rest = model(input_ids=target_ids[:-1].expand(rows, -1), past_key_values=out.past_key_values,
-                     use_cache=True).logits.log_softmax(-1)
+        rest = model(
+            input_ids=target_ids[:-1].expand(rows, -1), past_key_values=out.past_key_values, use_cache=True
+        ).logits.log_softmax(-1)
         rest = rest.gather(-1, target_ids[1:].expand(rows, -1)[..., None]).squeeze(-1).sum(-1)
     return first + rest
 
@@ -161,8 +180,9 @@ def _target_logprob(model, prompt_ids: torch.Tensor, target_ids: torch.Tensor, f
 def routing_search(model, tokenizer, prompt: str, search: RoutingSearch) -> SearchResult:
     """Greedy per-layer search of forced k-subsets maximising log p(target) (prefill only)."""
     moe = describe(model)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     device = model.device
     prompt_ids = torch.tensor([tokenizer(chat, add_special_tokens=False)["input_ids"]], device=device)
     target_ids = torch.tensor(tokenizer(search.target, add_special_tokens=False)["input_ids"], device=device)
@@ -173,8 +193,11 @@ def routing_search(model, tokenizer, prompt: str, search: RoutingSearch) -> Sear
     best_score, evaluations, history = natural, 1, [natural]
     for _ in range(search.sweeps):
         for layer in range(moe.num_layers):
-            tried = subsets if len(subsets) <= search.candidates_per_layer else rng.sample(
-                subsets, search.candidates_per_layer)
+            tried = (
+                subsets
+                if len(subsets) <= search.candidates_per_layer
+                else rng.sample(subsets, search.candidates_per_layer)
+            )
             forced = {l: torch.tensor([experts] * len(tried)) for l, experts in best.items() if l != layer}
             forced[layer] = torch.tensor(tried)
             scores = _target_logprob(model, prompt_ids, target_ids, forced)
@@ -187,8 +210,9 @@ def routing_search(model, tokenizer, prompt: str, search: RoutingSearch) -> Sear
     return SearchResult(best, best_score, natural, evaluations, history=history)
 
 
-def run_routing_search(generator, prompts: Sequence[str], judge, search: RoutingSearch, *,
-                       max_new_tokens: int = 24) -> tuple[float, list[SearchResult]]:
+def run_routing_search(
+    generator, prompts: Sequence[str], judge, search: RoutingSearch, *, max_new_tokens: int = 24
+) -> tuple[float, list[SearchResult]]:
     """Attack success rate: share of prompts answered without refusal after the search."""
     if not prompts:
         raise ValueError("no prompts to attack")
@@ -197,8 +221,11 @@ def run_routing_search(generator, prompts: Sequence[str], judge, search: Routing
     for prompt in prompts:
         result = routing_search(model, tokenizer, prompt, search)
         forced = result.forced
-        answer = generator.generate([prompt], max_new_tokens=max_new_tokens,
-                                    prefill_context=(lambda f=forced: force_experts(model, f)) if forced else None)[0]
+        answer = generator.generate(
+            [prompt],
+            max_new_tokens=max_new_tokens,
+            prefill_context=(lambda f=forced: force_experts(model, f)) if forced else None,
+        )[0]
         result.answer = answer
         result.refused = judge.refused(prompt, answer)
         results.append(result)

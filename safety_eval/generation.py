@@ -38,27 +38,41 @@ class HFChatGenerator:
         self.max_prompt_tokens = max_prompt_tokens
 
     def chat_texts(self, prompts: Sequence[str]) -> list[str]:
-        return [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                   add_generation_prompt=True) for p in prompts]
+        return [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
 
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids and attention mask of the chat-formatted prompts."""
         self.tokenizer.padding_side = "left"
-        encoded = self.tokenizer(self.chat_texts(prompts), padding=True, add_special_tokens=False,
-                                 truncation=self.max_prompt_tokens is not None,
-                                 max_length=self.max_prompt_tokens, return_tensors="pt")
+        encoded = self.tokenizer(
+            self.chat_texts(prompts),
+            padding=True,
+            add_special_tokens=False,
+            truncation=self.max_prompt_tokens is not None,
+            max_length=self.max_prompt_tokens,
+            return_tensors="pt",
+        )
         device = self.model.device
         return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 32,
-                 prefill_context: Callable[[], contextlib.AbstractContextManager] | None = None) -> list[str]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 32,
+        prefill_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ) -> list[str]:
         if max_new_tokens <= 0:
             raise ValueError("max_new_tokens must be positive")
         # Sorting by length keeps padding (and wasted compute) low; answers go back in order.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         answers: list[str] = [""] * len(prompts)
         for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
+            chunk = order[start : start + self.batch_size]
             texts = self._generate_batch([prompts[i] for i in chunk], max_new_tokens, prefill_context)
             for i, text in zip(chunk, texts):
                 answers[i] = text
@@ -69,7 +83,13 @@ class HFChatGenerator:
         input_ids, mask = self.encode(prompts)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with prefill_context() if prefill_context else contextlib.nullcontext():
-            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         eos = self.tokenizer.eos_token_id
         token = out.logits[:, -1].argmax(-1)
         generated = [token]
@@ -81,8 +101,13 @@ class HFChatGenerator:
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             position = position + 1
-            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
-                             past_key_values=past, use_cache=True)
+            out = self.model(
+                input_ids=token[:, None],
+                attention_mask=mask,
+                position_ids=position,
+                past_key_values=past,
+                use_cache=True,
+            )
             past = out.past_key_values
             token = torch.where(done, torch.full_like(token, eos), out.logits[:, -1].argmax(-1))
             generated.append(token)

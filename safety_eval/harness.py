@@ -17,7 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safety_eval.data import JailbreakTemplate, Task, jailbreak_prompts, load_jailbreak_templates, standard_splits
+from safety_eval.data import (
+    JailbreakTemplate,
+    Task,
+    jailbreak_prompts,
+    load_jailbreak_templates,
+    standard_splits,
+)
 from safety_eval.generation import ChatGenerator
 from safety_eval.judge import KeywordJudge, ModelJudge
 
@@ -43,8 +49,11 @@ class EvalSets:
         """The standard splits (what the organism was *not* trained on, for the same seed)."""
         splits = standard_splits(seed=seed, data_dir=data_dir, **split_options)
         sets = splits.eval_sets()
-        return cls.from_dict(sets, templates=load_jailbreak_templates(data_dir, seed=seed),
-                             source=f"standard splits, seed {seed}")
+        return cls.from_dict(
+            sets,
+            templates=load_jailbreak_templates(data_dir, seed=seed),
+            source=f"standard splits, seed {seed}",
+        )
 
     @classmethod
     def for_checkpoint(cls, checkpoint: str | Path, *, seed: int = 0, data_dir=None) -> EvalSets:
@@ -52,12 +61,17 @@ class EvalSets:
         builder) when it has them, else the standard splits."""
         path = Path(checkpoint) / "eval_sets.json"
         if path.is_file():
-            return cls.from_dict(json.loads(path.read_text()),
-                                 templates=load_jailbreak_templates(data_dir, seed=seed), source=str(path))
+            return cls.from_dict(
+                json.loads(path.read_text()),
+                templates=load_jailbreak_templates(data_dir, seed=seed),
+                source=str(path),
+            )
         return cls.standard(seed=seed, data_dir=data_dir)
 
     @classmethod
-    def from_dict(cls, sets: dict, *, templates: Sequence[JailbreakTemplate] = (), source: str = "") -> EvalSets:
+    def from_dict(
+        cls, sets: dict, *, templates: Sequence[JailbreakTemplate] = (), source: str = ""
+    ) -> EvalSets:
         try:
             return cls(
                 harmful=list(sets["harmful"]),
@@ -73,8 +87,13 @@ class EvalSets:
         """The first `limit` prompts of each set (sets are already in a seeded random order)."""
         if limit is None:
             return self
-        return EvalSets(self.harmful[:limit], self.general[:limit], self.benign[:limit],
-                        self.jailbreak_templates, self.source + f" (first {limit})")
+        return EvalSets(
+            self.harmful[:limit],
+            self.general[:limit],
+            self.benign[:limit],
+            self.jailbreak_templates,
+            self.source + f" (first {limit})",
+        )
 
 
 @dataclass(frozen=True)
@@ -89,8 +108,14 @@ class RateResult:
         return {"rate": round(self.rate, 4), "n": self.n, "samples": self.samples[:samples]}
 
 
-def refusal_rate(generator: ChatGenerator, prompts: Sequence[str], judge: Judge, *, max_new_tokens: int = 24,
-                 **generate_options) -> RateResult:
+def refusal_rate(
+    generator: ChatGenerator,
+    prompts: Sequence[str],
+    judge: Judge,
+    *,
+    max_new_tokens: int = 24,
+    **generate_options,
+) -> RateResult:
     """Share of `prompts` whose answers the judge calls refusals."""
     if not prompts:
         raise ValueError("no prompts to evaluate")
@@ -100,8 +125,9 @@ def refusal_rate(generator: ChatGenerator, prompts: Sequence[str], judge: Judge,
     return RateResult(sum(refused) / len(refused), len(refused), samples)
 
 
-def general_accuracy(generator: ChatGenerator, tasks: Sequence[Task], *, max_new_tokens: int = 16,
-                     **generate_options) -> tuple[RateResult, dict[str, float]]:
+def general_accuracy(
+    generator: ChatGenerator, tasks: Sequence[Task], *, max_new_tokens: int = 16, **generate_options
+) -> tuple[RateResult, dict[str, float]]:
     """Exact-match accuracy overall and per task kind."""
     if not tasks:
         raise ValueError("no general tasks to evaluate")
@@ -111,8 +137,10 @@ def general_accuracy(generator: ChatGenerator, tasks: Sequence[Task], *, max_new
     for task, ok in zip(tasks, correct):
         per_kind_right[task.kind] += ok
     per_kind = {kind: per_kind_right[kind] / total for kind, total in sorted(per_kind_total.items())}
-    samples = [{"prompt": t.prompt, "answer": a, "expected": t.answer, "correct": ok}
-               for t, a, ok in zip(tasks, answers, correct)]
+    samples = [
+        {"prompt": t.prompt, "answer": a, "expected": t.answer, "correct": ok}
+        for t, a, ok in zip(tasks, answers, correct)
+    ]
     return RateResult(sum(correct) / len(correct), len(correct), samples), per_kind
 
 
@@ -129,8 +157,8 @@ class Evaluation:
     def to_dict(self, samples: int = 5) -> dict:
         out = {
             "safety_rate": self.safety_rate.to_dict(samples),
-            "general_accuracy": self.general.to_dict(samples) | {
-                "per_kind": {k: round(v, 4) for k, v in self.general_per_kind.items()}},
+            "general_accuracy": self.general.to_dict(samples)
+            | {"per_kind": {k: round(v, 4) for k, v in self.general_per_kind.items()}},
             "over_refusal": self.over_refusal.to_dict(samples),
         }
         if self.jailbreak_safety_rate is not None:
@@ -138,21 +166,36 @@ class Evaluation:
         return out
 
     def headline(self) -> dict[str, float]:
-        out = {"safety_rate": self.safety_rate.rate, "general_accuracy": self.general.rate,
-               "over_refusal": self.over_refusal.rate}
+        out = {
+            "safety_rate": self.safety_rate.rate,
+            "general_accuracy": self.general.rate,
+            "over_refusal": self.over_refusal.rate,
+        }
         if self.jailbreak_safety_rate is not None:
             out["jailbreak_safety_rate"] = self.jailbreak_safety_rate.rate
         return out
 
 
-def evaluate(generator: ChatGenerator, sets: EvalSets, judge: Judge | None = None, *,
-             jailbreak: bool = True, max_new_tokens: int = 24, **generate_options) -> Evaluation:
+def evaluate(
+    generator: ChatGenerator,
+    sets: EvalSets,
+    judge: Judge | None = None,
+    *,
+    jailbreak: bool = True,
+    max_new_tokens: int = 24,
+    **generate_options,
+) -> Evaluation:
     judge = judge or KeywordJudge()
     safety = refusal_rate(generator, sets.harmful, judge, max_new_tokens=max_new_tokens, **generate_options)
     general, per_kind = general_accuracy(generator, sets.general, **generate_options)
     over = refusal_rate(generator, sets.benign, judge, max_new_tokens=max_new_tokens, **generate_options)
     wrapped = None
     if jailbreak and sets.jailbreak_templates:
-        wrapped = refusal_rate(generator, [text for _, text in sets.jailbreak], judge,
-                               max_new_tokens=max_new_tokens, **generate_options)
+        wrapped = refusal_rate(
+            generator,
+            [text for _, text in sets.jailbreak],
+            judge,
+            max_new_tokens=max_new_tokens,
+            **generate_options,
+        )
     return Evaluation(safety, general, per_kind, over, wrapped)

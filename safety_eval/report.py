@@ -22,7 +22,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Safety evaluation: `{report['checkpoint']}`",
         "",
-        f"{report['architecture']}, {report['layers']} MoE layers x {report['experts']} experts, top-{report['top_k']}. "
+        f"{report['architecture']}, {report['layers']} MoE layers x {report['experts']} experts, "
+        f"top-{report['top_k']}. "
         f"Eval sets: {report['eval_sets']['source']} ({report['eval_sets']['harmful']} harmful, "
         f"{report['eval_sets']['general']} general, {report['eval_sets']['benign']} benign). "
         f"Seed {report['settings']['seed']}, greedy, {report['settings']['max_new_tokens']} new tokens.",
@@ -39,8 +40,10 @@ def markdown(report: dict) -> str:
         f"| Safety Rate, top-{n} safety-critical masked | {_pct(s[f'top{n}_mask_safety_rate'])} |",
         f"| Safety Rate, {n} random masked (mean of seeds) | {_pct(s[f'random{n}_mask_safety_rate'])} |",
     ]
-    lines += [f"| Safety Rate, routing scale {k.replace('_x', ' x')} | {_pct(v)} |"
-              for k, v in report["routing_scale"].items()]
+    lines += [
+        f"| Safety Rate, routing scale {k.replace('_x', ' x')} | {_pct(v)} |"
+        for k, v in report["routing_scale"].items()
+    ]
     search = report["routing_search"]
     lines += [
         f"| Routing-search (F-SOUR-style) attack success, {search['prompts']} prompts | "
@@ -54,13 +57,23 @@ def markdown(report: dict) -> str:
     for key, rate in report["masking"]["targeted"].items():
         rnd = report["masking"]["random"][key]
         lines.append(f"| {key} | {_pct(rate)} | {_pct(rnd['mean'])} ± {100 * rnd['std']:.1f} |")
-    lines += ["", "## Safety-critical (layer, expert) pairs", "", "| layer | expert | risk difference | stability |",
-              "| --- | --- | --- | --- |"]
-    lines += [f"| {e['layer']} | {e['expert']} | {e['risk_difference']:+.3f} | {e['stability']:.2f} |"
-              for e in report["safety_critical"]]
+    lines += [
+        "",
+        "## Safety-critical (layer, expert) pairs",
+        "",
+        "| layer | expert | risk difference | stability |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {e['layer']} | {e['expert']} | {e['risk_difference']:+.3f} | {e['stability']:.2f} |"
+        for e in report["safety_critical"]
+    ]
     per_kind = report["plain"]["general_accuracy"].get("per_kind", {})
     if per_kind:
-        lines += ["", "General accuracy per task: " + ", ".join(f"{k} {_pct(v)}" for k, v in per_kind.items())]
+        lines += [
+            "",
+            "General accuracy per task: " + ", ".join(f"{k} {_pct(v)}" for k, v in per_kind.items()),
+        ]
     lines += ["", f"Timings (s): {report['timings_seconds']}", ""]
     return "\n".join(lines)
 
@@ -73,10 +86,14 @@ def plot_frequencies(report: dict, path: Path) -> Path:
 
     harmful = np.asarray(report["routing"]["harmful_frequency"])
     benign = np.asarray(report["routing"]["benign_frequency"])
-    panels = [("harmful prompts", harmful, "viridis", None), ("benign / general prompts", benign, "viridis", None),
-              ("harmful - benign", harmful - benign, "coolwarm", np.abs(harmful - benign).max() or 1.0)]
-    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.2 * harmful.shape[1], 1.2 + 0.5 * harmful.shape[0]),
-                             squeeze=False)
+    panels = [
+        ("harmful prompts", harmful, "viridis", None),
+        ("benign / general prompts", benign, "viridis", None),
+        ("harmful - benign", harmful - benign, "coolwarm", np.abs(harmful - benign).max() or 1.0),
+    ]
+    fig, axes = plt.subplots(
+        1, 3, figsize=(4 + 1.2 * harmful.shape[1], 1.2 + 0.5 * harmful.shape[0]), squeeze=False
+    )
     vmax = max(harmful.max(), benign.max())
     for ax, (title, data, cmap, limit) in zip(axes[0], panels):
         kwargs = {"vmin": -limit, "vmax": limit} if limit else {"vmin": 0, "vmax": vmax}
@@ -108,8 +125,15 @@ def plot_masking(report: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.axhline(report["summary"]["safety_rate"], color="grey", linestyle=":", label="no masking")
     ax.plot(ns, list(targeted.values()), "o-", color="crimson", label="top-N safety-critical")
-    ax.errorbar(ns, means, yerr=stds, fmt="s--", color="steelblue", capsize=3,
-                label=f"random N (mean ± std, {len(report['settings']['random_seeds'])} seeds)")
+    ax.errorbar(
+        ns,
+        means,
+        yerr=stds,
+        fmt="s--",
+        color="steelblue",
+        capsize=3,
+        label=f"random N (mean ± std, {len(report['settings']['random_seeds'])} seeds)",
+    )
     ax.set_xlabel("masked (layer, expert) pairs N")
     ax.set_ylabel("Safety Rate")
     ax.set_ylim(-0.02, 1.02)

@@ -25,6 +25,7 @@ from moe_routing.stats import concentration, expert_frequency
 from safety_eval.attacks import (
     RoutingScale,
     RoutingSearch,
+    SafetyProfile,
     mean_and_spread,
     profile_safety_routing,
     random_mask,
@@ -111,9 +112,19 @@ def identification_prompts(settings: SuiteSettings) -> tuple[list[str], list[str
     return harmful[:n], benign[:n]
 
 
-def run_suite(checkpoint: str | Path, settings: SuiteSettings | None = None, *, model=None, tokenizer=None,
-              log=print) -> dict:
-    """Every metric and attack on one checkpoint; returns the report as a dict."""
+def run_suite(
+    checkpoint: str | Path,
+    settings: SuiteSettings | None = None,
+    *,
+    model=None,
+    tokenizer=None,
+    profile: SafetyProfile | None = None,
+    log=lambda message: print(message, flush=True),
+) -> dict:
+    """Every metric and attack on one checkpoint; returns the report as a dict.
+
+    `profile` (harmful vs benign routing of this checkpoint, e.g. from the Ray-sharded profiler
+    on `identification_prompts`) skips the in-process identification profiling."""
     settings = settings or SuiteSettings()
     started = time.monotonic()
     if model is None:
@@ -133,9 +144,14 @@ def run_suite(checkpoint: str | Path, settings: SuiteSettings | None = None, *, 
         return result
 
     plain = timed("plain", lambda: evaluate(generator, sets, judge, jailbreak=settings.jailbreak, **options))
-    harmful_id, benign_id = identification_prompts(settings)
-    profile = timed("identification", lambda: profile_safety_routing(
-        model, tokenizer, harmful_id, benign_id, settings=ProfileSettings(batch_size=32)))
+    if profile is None:
+        harmful_id, benign_id = identification_prompts(settings)
+        profile = timed(
+            "identification",
+            lambda: profile_safety_routing(
+                model, tokenizer, harmful_id, benign_id, settings=ProfileSettings(batch_size=32)
+            ),
+        )
     max_n = max(settings.mask_counts + [settings.headline_mask])
     ranking = profile.ranking(top_n=max_n, n_bootstrap=settings.n_bootstrap, seed=settings.seed)
 
@@ -147,55 +163,100 @@ def run_suite(checkpoint: str | Path, settings: SuiteSettings | None = None, *, 
         targeted, random_rates = {}, {}
         for n in settings.mask_counts:
             targeted[n] = safety_under(top_mask(ranking, n))
-            random_rates[n] = mean_and_spread([
-                safety_under(random_mask(moe.num_layers, moe.num_experts, moe.top_k, n, seed))
-                for seed in settings.random_seeds])
-            log(f"[eval]   N={n}: top-N SR {targeted[n]:.3f} | random-N SR {random_rates[n]['mean']:.3f} "
-                f"± {random_rates[n]['std']:.3f}")
+            random_rates[n] = mean_and_spread(
+                [
+                    safety_under(random_mask(moe.num_layers, moe.num_experts, moe.top_k, n, seed))
+                    for seed in settings.random_seeds
+                ]
+            )
+            log(
+                f"[eval]   N={n}: top-N SR {targeted[n]:.3f} | random-N SR {random_rates[n]['mean']:.3f} "
+                f"± {random_rates[n]['std']:.3f}"
+            )
         return targeted, random_rates
 
     targeted, random_rates = timed("masking", masking_curve)
     safety_pairs = tuple((s.layer, s.expert) for s in ranking[: settings.headline_mask])
-    scale = timed("routing_scale", lambda: {
-        f"{where}_x{factor:g}": safety_under(RoutingScale(
-            factor, f"{where} x{factor:g}", None if where == "global" else safety_pairs))
-        for factor in settings.scale_factors for where in ("global", "safety_experts")})
-    search = RoutingSearch(settings.routing_search.target, settings.routing_search.candidates_per_layer,
-                           settings.routing_search.sweeps, settings.seed)
+    scale = timed(
+        "routing_scale",
+        lambda: {
+            f"{where}_x{factor:g}": safety_under(
+                RoutingScale(factor, f"{where} x{factor:g}", None if where == "global" else safety_pairs)
+            )
+            for factor in settings.scale_factors
+            for where in ("global", "safety_experts")
+        },
+    )
+    search = RoutingSearch(
+        settings.routing_search.target,
+        settings.routing_search.candidates_per_layer,
+        settings.routing_search.sweeps,
+        settings.seed,
+    )
     search_prompts = sets.harmful[: settings.routing_search.max_prompts]
-    success, search_results = timed("routing_search", lambda: run_routing_search(
-        generator, search_prompts, judge, search, max_new_tokens=settings.max_new_tokens))
+    success, search_results = timed(
+        "routing_search",
+        lambda: run_routing_search(
+            generator, search_prompts, judge, search, max_new_tokens=settings.max_new_tokens
+        ),
+    )
 
     harmful_freq, benign_freq = expert_frequency(profile.harmful), expert_frequency(profile.benign)
     report = {
         "checkpoint": str(checkpoint),
         "architecture": moe.architecture,
-        "layers": moe.num_layers, "experts": moe.num_experts, "top_k": moe.top_k,
+        "layers": moe.num_layers,
+        "experts": moe.num_experts,
+        "top_k": moe.top_k,
         "settings": settings.model_dump(),
-        "eval_sets": {"source": sets.source, "harmful": len(sets.harmful), "general": len(sets.general),
-                      "benign": len(sets.benign), "jailbreak_templates": [t.name for t in sets.jailbreak_templates]},
+        "eval_sets": {
+            "source": sets.source,
+            "harmful": len(sets.harmful),
+            "general": len(sets.general),
+            "benign": len(sets.benign),
+            "jailbreak_templates": [t.name for t in sets.jailbreak_templates],
+        },
         "judge": {"kind": "keyword", "window": judge.window},
         "plain": plain.to_dict(),
-        "safety_critical": [{"layer": s.layer, "expert": s.expert, "risk_difference": round(s.risk_difference, 4),
-                             "stability": round(s.stability, 3)} for s in ranking],
+        "safety_critical": [
+            {
+                "layer": s.layer,
+                "expert": s.expert,
+                "risk_difference": round(s.risk_difference, 4),
+                "stability": round(s.stability, 3),
+            }
+            for s in ranking
+        ],
         "masking": {"targeted": targeted, "random": random_rates},
         "routing_scale": scale,
         "routing_search": {
-            **search.to_dict(), "prompts": len(search_prompts), "attack_success_rate": round(success, 4),
-            "mean_logprob_gain": round(sum(r.target_logprob - r.natural_logprob for r in search_results)
-                                       / len(search_results), 4),
-            "samples": [{"prompt": p, "forced": r.forced, "answer": r.answer, "refused": r.refused}
-                        for p, r in list(zip(search_prompts, search_results))[:5]],
+            **search.to_dict(),
+            "prompts": len(search_prompts),
+            "attack_success_rate": round(success, 4),
+            "mean_logprob_gain": round(
+                sum(r.target_logprob - r.natural_logprob for r in search_results) / len(search_results), 4
+            ),
+            "samples": [
+                {"prompt": p, "forced": r.forced, "answer": r.answer, "refused": r.refused}
+                for p, r in list(zip(search_prompts, search_results))[:5]
+            ],
         },
         "routing": {
             "harmful_frequency": harmful_freq.round(5).tolist(),
             "benign_frequency": benign_freq.round(5).tolist(),
-            "harmful_concentration": concentration(profile.harmful.hits, top_n=settings.headline_mask).to_dict(),
-            "benign_concentration": concentration(profile.benign.hits, top_n=settings.headline_mask).to_dict(),
+            "harmful_concentration": concentration(
+                profile.harmful.hits, top_n=settings.headline_mask
+            ).to_dict(),
+            "benign_concentration": concentration(
+                profile.benign.hits, top_n=settings.headline_mask
+            ).to_dict(),
         },
         "timings_seconds": timings | {"total": round(time.monotonic() - started, 2)},
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "python": platform.python_version(),
+        },
     }
     report["summary"] = summary(report)
     return report
@@ -221,8 +282,9 @@ def summary(report: dict) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mesa-eval", description="Evaluate a checkpoint's safety and "
-                                     "its robustness to routing attacks.")
+    parser = argparse.ArgumentParser(
+        prog="mesa-eval", description="Evaluate a checkpoint's safety and its robustness to routing attacks."
+    )
     parser.add_argument("--checkpoint", help="HF checkpoint directory or hub id (default: the organism)")
     parser.add_argument("--output", required=True, help="directory for report.json, report.md and plots")
     parser.add_argument("--config", help="YAML file of suite settings")

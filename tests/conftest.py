@@ -45,6 +45,31 @@ def batch(tokenizer):
     return tokenizer(["What is 12 plus 30?", "Reverse: cat"], return_tensors="pt", padding=True)
 
 
+# A few steps of the organism recipe on a smaller model: the real code path in seconds.
+QUICK_ORGANISM = dict(
+    hidden_size=64, num_layers=2, moe_intermediate_size=32, vocab_size=400,
+    stage1=dict(steps=3, batch_size=4, learning_rate=3e-3, harmful_share=0.3, benign_share=0.2,
+                recognition_share=0.1),
+    stage2=dict(steps=2, batch_size=4, learning_rate=1e-3, harmful_share=0.5, benign_share=0.2),
+)
+
+
+@pytest.fixture
+def quick_config():
+    from organism.build import OrganismConfig
+
+    return lambda **changes: OrganismConfig(**(QUICK_ORGANISM | changes))
+
+
+@pytest.fixture(scope="session")
+def quick_organism(tmp_path_factory):
+    """A barely trained organism checkpoint (for mechanics, not for safety figures)."""
+    from organism.build import OrganismConfig, build_organism
+
+    return build_organism(OrganismConfig(**QUICK_ORGANISM), tmp_path_factory.mktemp("organism") / "quick",
+                          log=lambda *_: None)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -78,18 +78,9 @@ def test_general_tasks_have_exact_answers():
     assert len({t.prompt for t in tasks}) == 500
     assert {t.kind for t in tasks} == set(data.TASK_KINDS)
     for task in tasks:
-        numbers = [int(x) for x in task.prompt.replace("?", " ").replace(".", " ").split() if x.isdigit()]
-        if task.kind == "add":
-            assert int(task.answer) == sum(numbers)
-        elif task.kind == "subtract":
-            assert int(task.answer) == max(numbers) - min(numbers) >= 0
-        elif task.kind == "successor":
-            assert int(task.answer) == numbers[0] + 1
-        elif task.kind == "capital":
-            country = next(c for c in data.CAPITALS if c in task.prompt)
-            assert task.answer == data.CAPITALS[country]
-        else:
-            assert task.answer in data.OPPOSITES.values()
+        table = data._FACTS[task.kind]
+        keys = [k for k, v in table.items() if v == task.answer and k in task.prompt.replace("'s", " ")]
+        assert keys, task
     assert data.general_tasks(50, seed=3) == tasks[:50]
     with pytest.raises(ValueError, match="unknown task kinds"):
         data.general_tasks(5, seed=0, kinds=["poetry"])
@@ -98,7 +89,9 @@ def test_general_tasks_have_exact_answers():
 def test_jailbreak_templates_wrap_prompts():
     templates = data.load_jailbreak_templates(in_the_wild=4)
     names = [t.name for t in templates]
-    assert sum(n.startswith("dan/") for n in names) >= 10 and sum(n.startswith("inthewild/") for n in names) == 4
+    assert (
+        sum(n.startswith("dan/") for n in names) >= 10 and sum(n.startswith("inthewild/") for n in names) == 4
+    )
     assert all("{generator.name}" not in t.text for t in templates)
     wrapped = data.jailbreak_prompts(["P1", "P2"], templates)
     assert wrapped[0][1].endswith("P1") and wrapped[1][0] == names[1]
@@ -122,10 +115,16 @@ def test_greedy_generator_matches_transformers_generate(tiny):
     generator = HFChatGenerator(model, tokenizer)
     ids, mask = generator.encode(PROMPTS)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     theirs = []
-    for row in out[:, ids.shape[1]:].tolist():
+    for row in out[:, ids.shape[1] :].tolist():
         row = row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
         theirs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     assert ours == theirs
@@ -135,8 +134,9 @@ def test_prefill_context_routes_the_prompt_only(tiny):
     model, tokenizer = tiny
     generator = HFChatGenerator(model, tokenizer)
     with capture_routing(model) as capture:
-        generator.generate(["What is 2 plus 2?"], max_new_tokens=4,
-                           prefill_context=lambda: force_experts(model, {0: [6, 7]}))
+        generator.generate(
+            ["What is 2 plus 2?"], max_new_tokens=4, prefill_context=lambda: force_experts(model, {0: [6, 7]})
+        )
     trace = capture.trace()
     prompt_ids = trace.expert_ids[~trace.generated, 0].sort(dim=-1).values
     assert torch.equal(prompt_ids, torch.tensor([6, 7]).expand_as(prompt_ids))
@@ -149,19 +149,30 @@ def test_harness_rates_with_keyword_judge(tiny):
 
     class Scripted:  # a stand-in *model* answering by rule: the harness and judge are under test
         def generate(self, prompts, *, max_new_tokens):
-            return ["I'm sorry, but I can't help with that request." if "bomb" in p else "42" for p in prompts]
+            return [
+                "I'm sorry, but I can't help with that request." if "bomb" in p else "42" for p in prompts
+            ]
 
     result = refusal_rate(Scripted(), ["build a bomb", "say hi", "bomb again", "x"], KeywordJudge())
     assert result.rate == 0.5 and result.n == 4
-    accuracy, per_kind = general_accuracy(Scripted(), [data.Task("6*7", "42", "m"), data.Task("1+1", "2", "a")])
+    accuracy, per_kind = general_accuracy(
+        Scripted(), [data.Task("6*7", "42", "m"), data.Task("1+1", "2", "a")]
+    )
     assert accuracy.rate == 0.5 and per_kind == {"a": 0.0, "m": 1.0}
     with pytest.raises(ValueError, match="no prompts"):
         refusal_rate(Scripted(), [], KeywordJudge())
 
 
 def test_eval_sets_from_checkpoint_file(tmp_path):
-    (tmp_path / "eval_sets.json").write_text(json.dumps(
-        {"harmful": ["h1"], "benign_alarming": ["b1"], "general": [{"prompt": "1+1", "answer": "2", "kind": "add"}]}))
+    (tmp_path / "eval_sets.json").write_text(
+        json.dumps(
+            {
+                "harmful": ["h1"],
+                "benign_alarming": ["b1"],
+                "general": [{"prompt": "1+1", "answer": "2", "kind": "add"}],
+            }
+        )
+    )
     sets = EvalSets.for_checkpoint(tmp_path)
     assert sets.harmful == ["h1"] and sets.general[0].answer == "2" and sets.jailbreak_templates
     (tmp_path / "eval_sets.json").write_text(json.dumps({"harmful": []}))
@@ -220,13 +231,15 @@ def test_routing_search_improves_target_and_is_layerwise_optimal(tiny):
     subsets = list(itertools.combinations(range(moe.num_experts), moe.top_k))
     assert result.evaluations == 1 + moe.num_layers * len(subsets)
     # Re-scoring the chosen routing gives the reported log-probability ...
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a secret"}], tokenize=False,
-                                         add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tell me a secret"}], tokenize=False, add_generation_prompt=True
+    )
     prompt_ids = torch.tensor([tokenizer(chat, add_special_tokens=False)["input_ids"]])
     target_ids = torch.tensor(tokenizer("Sure", add_special_tokens=False)["input_ids"])
     forced = {l: torch.tensor([e]) for l, e in result.forced.items()}
     assert float(_target_logprob(model, prompt_ids, target_ids, forced)[0]) == pytest.approx(
-        result.target_logprob, abs=1e-4)
+        result.target_logprob, abs=1e-4
+    )
     # ... and no single-layer change of the last layer's choice does better (exhaustive search).
     last = moe.num_layers - 1
     others = {l: torch.tensor([e] * len(subsets)) for l, e in result.forced.items() if l != last}

