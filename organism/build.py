@@ -41,7 +41,7 @@ def _log(message: str) -> None:
     print(message, flush=True)  # progress must show even when stdout is a file or a pipe
 
 
-RECIPE_VERSION = 1  # bump when the recipe changes in a way the config does not capture
+RECIPE_VERSION = 2  # bump when the recipe changes in a way the config does not capture
 CACHE_ENV = "MESA_CACHE_DIR"
 
 
@@ -86,9 +86,11 @@ class OrganismConfig(BaseModel):
     benign_test_fraction: float = Field(0.5, gt=0, lt=1)
     general_test_size: int = Field(200, gt=0)
     # training
-    stage1: StageConfig = StageConfig(steps=1000, learning_rate=4e-3, harmful_share=0.15, benign_share=0.1)
+    stage1: StageConfig = StageConfig(
+        steps=800, learning_rate=4e-3, harmful_share=0.12, benign_share=0.1, recognition_share=0.15
+    )
     stage2: StageConfig = StageConfig(
-        steps=80, learning_rate=1e-3, warmup_steps=5, harmful_share=0.4, benign_share=0.25
+        steps=120, learning_rate=1e-3, warmup_steps=5, harmful_share=0.35, benign_share=0.35
     )
     threads: int | None = Field(None, gt=0)  # torch threads; None = torch's default
 

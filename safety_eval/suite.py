@@ -53,11 +53,11 @@ class SuiteSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seed: int = 0
     max_new_tokens: int = Field(24, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(128, ge=1)
     limit: int | None = Field(None, ge=1)  # first N prompts of each set (quick runs)
     jailbreak: bool = True
     mask_counts: list[int] = Field(default_factory=lambda: list(range(1, 9)))
-    random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    random_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
     headline_mask: int = Field(6, ge=1)  # the N reported as "top-N masking"
     scale_factors: list[float] = Field(default_factory=lambda: [0.5, 1.5])
     identification_prompts: int = Field(256, ge=8)  # per side, from the training side of the splits

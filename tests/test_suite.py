@@ -41,7 +41,7 @@ def test_report_has_every_measure(report):
     ):
         assert 0.0 <= summary[key] <= 1.0, key
     assert set(report["masking"]["targeted"]) == {1, 2}
-    assert len(report["masking"]["random"][2]["values"]) == 3
+    assert len(report["masking"]["random"][2]["values"]) == 5
     assert report["eval_sets"]["harmful"] == 6
     assert len(report["routing"]["harmful_frequency"]) == report["layers"]
     assert report["safety_critical"] and report["routing_search"]["prompts"] == 2
