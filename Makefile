@@ -37,6 +37,7 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/capture_overhead.py
+	$(BIN)/python benchmarks/allocation_time.py
 
 lint: install
 	$(BIN)/ruff check .
