@@ -5,7 +5,8 @@
    RAY_ADDRESS is set) and ranks the safety-critical (layer, expert) pairs;
 3. runs the evaluation suite: Safety Rate, jailbreak templates, general accuracy, over-refusal,
    top-N vs random-N expert masking, routing scale, F-SOUR-style routing search;
-4. writes runs/demo/report.{json,md} and plots, and prints the tables.
+4. shows which experts MESA's optimal-transport allocation would give safety duty to;
+5. writes runs/demo/report.{json,md} and plots, and prints the tables.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from alignment.allocation import allocate
 from moe_routing.profiler import ProfileSettings, profile_routing_ray
 from organism.build import ensure_organism
 from safety_eval.attacks import SafetyProfile
@@ -48,8 +50,14 @@ def main(argv=None) -> int:
 
     print("[demo] evaluation suite ...")
     report = run_suite(checkpoint, settings, profile=profile)
+    allocation = allocate(profile.harmful, profile.benign)
+    report["allocation"] = allocation.to_dict()
     paths = write_report(report, Path(args.out))
     print("\n" + markdown(report))
+    critical = [(s["layer"], s["expert"]) for s in report["safety_critical"][: settings.headline_mask]]
+    print(f"Safety duty today sits on {critical}; MESA's allocation (alpha_shift "
+          f"{allocation.settings.alpha_shift}, eps {allocation.settings.eps}) would train "
+          f"{allocation.selected} (alignment job: coming).\n")
     print(f"[demo] done in {time.monotonic() - started:.0f} s; wrote:")
     for path in paths:
         print(f"  {path}")
