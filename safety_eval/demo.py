@@ -20,6 +20,7 @@ from alignment.allocation import allocate
 from moe_routing.profiler import ProfileSettings, profile_routing_ray
 from organism.build import ensure_organism
 from safety_eval.attacks import SafetyProfile
+from safety_eval.harness import EvalSets
 from safety_eval.report import markdown, write_report
 from safety_eval.suite import SuiteSettings, identification_prompts, load_settings, run_suite
 
@@ -40,7 +41,9 @@ def main(argv=None) -> int:
     checkpoint = ensure_organism()
 
     print(f"\n[demo] profiling routing of harmful vs benign prompts on {args.workers} Ray workers ...")
-    harmful, benign = identification_prompts(settings)
+    harmful, benign = identification_prompts(
+        settings, EvalSets.for_checkpoint(checkpoint, seed=settings.seed)
+    )
     profile_settings = ProfileSettings(batch_size=32)
     profile = SafetyProfile(
         profile_routing_ray(checkpoint, harmful, profile_settings, num_workers=args.workers),
@@ -55,9 +58,11 @@ def main(argv=None) -> int:
     paths = write_report(report, Path(args.out))
     print("\n" + markdown(report))
     critical = [(s["layer"], s["expert"]) for s in report["safety_critical"][: settings.headline_mask]]
-    print(f"Safety duty today sits on {critical}; MESA's allocation (alpha_shift "
-          f"{allocation.settings.alpha_shift}, eps {allocation.settings.eps}) would train "
-          f"{allocation.selected} (alignment job: coming).\n")
+    print(
+        f"Safety duty today sits on {critical}; MESA's allocation (alpha_shift "
+        f"{allocation.settings.alpha_shift}, eps {allocation.settings.eps}) would train "
+        f"{allocation.selected} (alignment job: coming).\n"
+    )
     print(f"[demo] done in {time.monotonic() - started:.0f} s; wrote:")
     for path in paths:
         print(f"  {path}")

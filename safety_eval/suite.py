@@ -98,16 +98,17 @@ def load_settings(path: str | Path | None) -> SuiteSettings:
     return SuiteSettings.model_validate(data)
 
 
-def identification_prompts(settings: SuiteSettings) -> tuple[list[str], list[str]]:
+def identification_prompts(settings: SuiteSettings, held_out: EvalSets) -> tuple[list[str], list[str]]:
     """Harmful vs benign prompts for re-identifying safety-critical experts: training-side
-    prompts only, so the held-out test prompts stay unseen by the attacker too."""
+    prompts only, and never one of `held_out`'s, so the test prompts stay unseen by the attacker."""
     splits = standard_splits(seed=settings.seed)
     rng = random.Random(settings.seed)
     n = settings.identification_prompts
-    harmful = [p.text for p in splits.harmful_train]
+    excluded = set(held_out.harmful) | set(held_out.benign)
+    harmful = [p.text for p in splits.harmful_train if p.text not in excluded]
     rng.shuffle(harmful)
     general = [t.prompt for t in general_tasks(n, seed=settings.seed + 20_000)]
-    benign = [p.text for p in splits.benign_train] + general
+    benign = [p.text for p in splits.benign_train if p.text not in excluded] + general
     rng.shuffle(benign)
     return harmful[:n], benign[:n]
 
@@ -131,7 +132,8 @@ def run_suite(
         model, tokenizer = load_checkpoint(checkpoint, dtype=torch.float32)
     moe = describe(model)
     judge = KeywordJudge()
-    sets = EvalSets.for_checkpoint(checkpoint, seed=settings.seed).subsample(settings.limit)
+    held_out = EvalSets.for_checkpoint(checkpoint, seed=settings.seed)
+    sets = held_out.subsample(settings.limit)
     generator = HFChatGenerator(model, tokenizer, batch_size=settings.batch_size)
     options = {"max_new_tokens": settings.max_new_tokens}
     timings: dict[str, float] = {}
@@ -145,7 +147,7 @@ def run_suite(
 
     plain = timed("plain", lambda: evaluate(generator, sets, judge, jailbreak=settings.jailbreak, **options))
     if profile is None:
-        harmful_id, benign_id = identification_prompts(settings)
+        harmful_id, benign_id = identification_prompts(settings, held_out)
         profile = timed(
             "identification",
             lambda: profile_safety_routing(

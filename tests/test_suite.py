@@ -82,3 +82,13 @@ def test_cli_rejects_unsupported_checkpoint(tmp_path, capsys):
     assert "llama" in capsys.readouterr().err
     assert main(["--checkpoint", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_identification_never_uses_held_out_prompts():
+    from safety_eval.harness import EvalSets
+    from safety_eval.suite import identification_prompts
+
+    held_out = EvalSets.standard()
+    harmful, benign = identification_prompts(SuiteSettings(), held_out)
+    assert len(harmful) == len(benign) == SuiteSettings().identification_prompts
+    assert not set(harmful) & set(held_out.harmful) and not set(benign) & set(held_out.benign)
