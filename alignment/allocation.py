@@ -99,14 +99,16 @@ def pot_plan(source: np.ndarray, prior: np.ndarray, cost: np.ndarray, eps: float
     import ot
 
     layers, experts = source.shape
-    plans = np.empty((layers, experts, experts))
+    plans = np.zeros((layers, experts, experts))
     for l in range(layers):
+        # Rows without safety mass carry nothing; leaving them out keeps log(0) out of the solver.
+        rows = source[l] > 0
         # A constant shift of the cost does not change the plan (the source mass is fixed), and
         # starting at 0 keeps exp(-M / eps) from underflowing everywhere.
-        M = np.tile(cost[l] - cost[l].min(), (experts, 1))
-        reference = source[l][:, None] * prior[l]
-        plans[l] = ot.unbalanced.sinkhorn_unbalanced(
-            source[l],
+        M = np.tile(cost[l] - cost[l].min(), (int(rows.sum()), 1))
+        reference = source[l][rows, None] * prior[l][rows]
+        plans[l][rows] = ot.unbalanced.sinkhorn_unbalanced(
+            source[l][rows],
             np.full(experts, 1.0 / experts),
             M,
             eps,
