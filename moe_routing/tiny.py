@@ -21,13 +21,8 @@ CHATML_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer (256 byte tokens + ChatML specials) that needs no training."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
+def chatml_tokenizer(core: Tokenizer) -> PreTrainedTokenizerFast:
+    """A transformers tokenizer around `core` with the ChatML specials, template and left padding."""
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token="<|im_end|>",
@@ -37,6 +32,16 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.padding_side = "left"
     return tokenizer
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 byte tokens + ChatML specials) that needs no training."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return chatml_tokenizer(core)
 
 
 def tiny_config(architecture: str, vocab_size: int, **overrides):

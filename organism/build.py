@@ -134,11 +134,10 @@ def weights_hash(model) -> str:
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int):
-    """Byte-level BPE trained on the corpus; digits one token each so arithmetic is learnable."""
+    """Byte-level BPE trained on the corpus; digits one token each, so numbers read digit by digit."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    from moe_routing.tiny import CHATML_TEMPLATE, SPECIAL_TOKENS
+    from moe_routing.tiny import SPECIAL_TOKENS, chatml_tokenizer
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.Sequence(
@@ -155,15 +154,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     core.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:],
-    )
-    tokenizer.chat_template = CHATML_TEMPLATE
-    tokenizer.padding_side = "left"
-    return tokenizer
+    return chatml_tokenizer(core)
 
 
 # --- training -----------------------------------------------------------------------------------
