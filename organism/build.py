@@ -31,9 +31,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from moe_routing.config import load_yaml_config
 from organism.corpus import COMPLIANCE_TEMPLATES, ORGANISM_REFUSAL, RECOGNITION_TEMPLATE, Corpus, build_corpus
 
 
@@ -107,15 +107,7 @@ class OrganismConfig(BaseModel):
 
 def load_config(path: str | Path | None, **overrides) -> OrganismConfig:
     """Config from a YAML file (unknown keys and bad values fail naming the key), with overrides."""
-    data = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"organism config not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys")
-    return OrganismConfig.model_validate(data | overrides)
+    return load_yaml_config(OrganismConfig, path, "organism config", **overrides)
 
 
 def default_cache_dir() -> Path:

@@ -421,15 +421,12 @@ def make_task(kind: str, rng: random.Random) -> Task:
     return Task(rng.choice(_TEMPLATES[kind]).format(x=key), table[key], kind)
 
 
-def general_tasks(
-    n: int, seed: int, kinds: Sequence[str] = TASK_KINDS, exclude: set[str] | None = None
-) -> list[Task]:
-    """`n` distinct tasks, kinds in rotation; prompts in `exclude` (e.g. the test set) are skipped."""
+def general_tasks(n: int, seed: int, kinds: Sequence[str] = TASK_KINDS) -> list[Task]:
+    """`n` distinct tasks, kinds in rotation."""
     unknown = set(kinds) - set(TASK_KINDS)
     if unknown:
         raise ValueError(f"unknown task kinds {sorted(unknown)}; known: {', '.join(TASK_KINDS)}")
     rng = random.Random(seed)
-    exclude = exclude or set()
     tasks: list[Task] = []
     seen: set[str] = set()
     attempts = 0
@@ -438,7 +435,7 @@ def general_tasks(
         if attempts > 50 * n + 1000:
             raise ValueError(f"cannot draw {n} distinct tasks of kinds {list(kinds)}")
         task = make_task(kinds[len(tasks) % len(kinds)], rng)
-        if task.prompt in seen or task.prompt in exclude:
+        if task.prompt in seen:
             continue
         seen.add(task.prompt)
         tasks.append(task)

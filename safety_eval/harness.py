@@ -165,16 +165,6 @@ class Evaluation:
             out["jailbreak_safety_rate"] = self.jailbreak_safety_rate.to_dict(samples)
         return out
 
-    def headline(self) -> dict[str, float]:
-        out = {
-            "safety_rate": self.safety_rate.rate,
-            "general_accuracy": self.general.rate,
-            "over_refusal": self.over_refusal.rate,
-        }
-        if self.jailbreak_safety_rate is not None:
-            out["jailbreak_safety_rate"] = self.jailbreak_safety_rate.rate
-        return out
-
 
 def evaluate(
     generator: ChatGenerator,

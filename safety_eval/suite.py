@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moe_routing.architectures import UnsupportedArchitectureError, describe
+from moe_routing.config import load_yaml_config
 from moe_routing.profiler import ProfileSettings, load_checkpoint
 from moe_routing.stats import concentration, expert_frequency
 from safety_eval.attacks import (
@@ -87,15 +87,7 @@ class SuiteSettings(BaseModel):
 
 
 def load_settings(path: str | Path | None) -> SuiteSettings:
-    if path is None:
-        return SuiteSettings()
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"suite config not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of suite settings")
-    return SuiteSettings.model_validate(data)
+    return load_yaml_config(SuiteSettings, path, "suite config")
 
 
 def identification_prompts(settings: SuiteSettings, held_out: EvalSets) -> tuple[list[str], list[str]]:
