@@ -38,6 +38,7 @@ demo: install
 bench: install
 	$(BIN)/python benchmarks/capture_overhead.py
 	$(BIN)/python benchmarks/allocation_time.py
+	$(BIN)/python benchmarks/alignment_memory.py
 
 lint: install
 	$(BIN)/ruff check .

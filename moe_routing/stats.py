@@ -184,6 +184,16 @@ def risk_difference(harmful: RoutingCounts, benign: RoutingCounts) -> np.ndarray
     return expert_frequency(harmful) - expert_frequency(benign)
 
 
+def effective_safety_experts(risk: np.ndarray) -> float:
+    """How many (layer, expert) pairs safety routing is spread over: exp(entropy) of the positive
+    part of the risk difference RD[l, e], normalised over all pairs (1 = one pair carries all the
+    excess harmful routing; L*E = spread evenly). 0 when no pair is used more by harmful prompts."""
+    excess = np.maximum(np.asarray(risk, dtype=np.float64), 0.0).reshape(1, -1)
+    if excess.sum() == 0:
+        return 0.0
+    return float(concentration(excess, top_n=1).effective_experts[0])
+
+
 @dataclass(frozen=True)
 class ExpertScore:
     layer: int

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from alignment.sft import collate, encode_chat
 from moe_routing.config import load_yaml_config
 from organism.corpus import COMPLIANCE_TEMPLATES, ORGANISM_REFUSAL, RECOGNITION_TEMPLATE, Corpus, build_corpus
 
@@ -179,28 +180,6 @@ def _model(config: OrganismConfig, vocab_size: int, eos_id: int, pad_id: int):
     return AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
 
 
-def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """ChatML token ids and labels: loss on the response and its end-of-turn token only."""
-    head = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
-    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    tail_ids = tokenizer(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    return head_ids + tail_ids, [-100] * len(head_ids) + tail_ids
-
-
-def _collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
-    length = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), length), pad_id)
-    labels = torch.full((len(examples), length), -100)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, (ids, labs) in enumerate(examples):  # right padding for training
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        labels[row, : len(labs)] = torch.tensor(labs)
-        mask[row, : len(ids)] = 1
-    return input_ids, mask, labels
-
-
 def _batch(corpus: Corpus, stage: StageConfig, rng: random.Random, refuse: bool) -> list[tuple[str, str]]:
     pairs = []
     for _ in range(stage.batch_size):
@@ -229,7 +208,7 @@ def _accumulate(model, examples, pad_id: int, micro_batches: int = 2) -> torch.T
     size = -(-len(examples) // micro_batches)
     loss_sum = torch.zeros(())
     for start in range(0, len(examples), size):
-        input_ids, mask, labels = _collate(examples[start : start + size], pad_id)
+        input_ids, mask, labels = collate(examples[start : start + size], pad_id)
         tokens = int((labels[:, 1:] != -100).sum())
         if tokens == 0:
             continue
@@ -258,7 +237,7 @@ def train_stage(
     losses = []
     started = time.monotonic()
     for step in range(stage.steps):
-        examples = [encode_example(tokenizer, p, r) for p, r in _batch(corpus, stage, rng, refuse)]
+        examples = [encode_chat(tokenizer, p, r) for p, r in _batch(corpus, stage, rng, refuse)]
         optimizer.zero_grad(set_to_none=True)
         loss = _accumulate(model, examples, tokenizer.pad_token_id)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -421,6 +421,16 @@ def make_task(kind: str, rng: random.Random) -> Task:
     return Task(rng.choice(_TEMPLATES[kind]).format(x=key), table[key], kind)
 
 
+def all_tasks() -> list[Task]:
+    """Every (fact, phrasing) task, in a fixed order."""
+    return [
+        Task(template.format(x=key), _FACTS[kind][key], kind)
+        for kind in TASK_KINDS
+        for key in sorted(_FACTS[kind])
+        for template in _TEMPLATES[kind]
+    ]
+
+
 def general_tasks(n: int, seed: int, kinds: Sequence[str] = TASK_KINDS) -> list[Task]:
     """`n` distinct tasks, kinds in rotation."""
     unknown = set(kinds) - set(TASK_KINDS)

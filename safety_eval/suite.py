@@ -15,13 +15,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moe_routing.architectures import UnsupportedArchitectureError, describe
 from moe_routing.config import load_yaml_config
 from moe_routing.profiler import ProfileSettings, load_checkpoint
-from moe_routing.stats import concentration, expert_frequency
+from moe_routing.stats import concentration, effective_safety_experts, expert_frequency
 from safety_eval.attacks import (
     RoutingScale,
     RoutingSearch,
@@ -269,6 +270,9 @@ def summary(report: dict) -> dict:
         f"random{n}_mask_safety_rate": (masking["random"].get(n) or {}).get("mean"),
         "routing_search_attack_success": report["routing_search"]["attack_success_rate"],
     }
+    routing = report["routing"]
+    risk = np.asarray(routing["harmful_frequency"]) - np.asarray(routing["benign_frequency"])
+    out["effective_safety_experts"] = round(effective_safety_experts(risk), 3)
     if "jailbreak_safety_rate" in plain:
         out["jailbreak_safety_rate"] = plain["jailbreak_safety_rate"]["rate"]
     out.update({f"scale_{k}_safety_rate": v for k, v in report["routing_scale"].items()})

@@ -1,0 +1,96 @@
+"""The results table: base vs every alignment method, same data, same budget, one command.
+
+    python -m alignment.compare --config alignment/configs/organism.yaml --output runs/compare
+
+Runs the alignment job once per method (``training.method`` replaced, everything else as in the
+config), evaluates the base checkpoint once, and writes `results.md` / `results.json`: Safety
+Rate plain, under jailbreak templates, top-4/6/8 masking re-identified on each model, random
+masking and routing scale; F-SOUR-style attack success; general accuracy; over-refusal;
+trainable parameters; training wall time; effective number of safety experts. Each method's
+directory keeps its full report, so a re-run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from alignment.config import AlignmentConfig, load_config
+from alignment.data import DataError
+from moe_routing.architectures import UnsupportedArchitectureError
+
+METHODS = ("sft_all", "router_only", "safex", "lora", "mesa")
+
+
+def compare(config: AlignmentConfig, output: Path, methods=METHODS) -> dict:
+    from alignment.report import results_table, table_row
+    from alignment.run import evaluate_checkpoint, log, resolve_model
+    from alignment.run import run as run_alignment
+
+    checkpoint = resolve_model(config)
+    base = evaluate_checkpoint(checkpoint, config, output / "base")
+    rows = {"base": table_row(base)}
+    extra = {"base": {"trainable params": 0, "train s": 0}}
+    reports = {}
+    for method in methods:
+        log(f"\n[compare] === {method} ===")
+        data = config.model_dump()
+        data["training"]["method"] = method
+        data["output_dir"] = str(output / method)
+        data["evaluation"]["base"] = False
+        report = run_alignment(AlignmentConfig.model_validate(data))
+        reports[method] = report
+        rows[method] = report["evaluation"]["aligned"]
+        params = report["parameters"]
+        extra[method] = {
+            "trainable params": f"{params['trainable']:,} ({100 * params['fraction']:.1f}%)",
+            "train s": report["timings_seconds"]["train"],
+        }
+    table = results_table(rows, extra)
+    notes = [
+        f"Model `{checkpoint}`; seed {config.seed}; config: same for every method except "
+        "training.method. Masking re-identifies the safety-critical experts on each model; "
+        "random masking is the mean over the suite's seeds. 'eff. safety experts' = exp(entropy) "
+        "of the positive harmful-minus-benign routing difference over all (layer, expert) pairs.",
+    ]
+    (output / "results.md").write_text("# Alignment results\n\n" + table + "\n\n" + "\n".join(notes) + "\n")
+    results = {"rows": rows, "extra": extra, "config": config.model_dump(), "checkpoint": checkpoint}
+    (output / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    log("\n" + table)
+    log(f"\n[compare] wrote {output / 'results.md'}")
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="base vs alignment methods on one model (results table)")
+    parser.add_argument("--config", help="YAML alignment config (the method is replaced per row)")
+    parser.add_argument("--output", default="runs/compare", help="output directory")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated methods (default {','.join(METHODS)})")
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown or not methods:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    try:
+        config = load_config(args.config)
+    except ValidationError as error:
+        print(f"error: bad alignment config:\n{error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        compare(config, Path(args.output).resolve(), methods)
+    except (UnsupportedArchitectureError, DataError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The alignment job's configuration: one pydantic model, loaded from YAML.
+
+Every key is checked at load time: an unknown key or a bad value fails with a message that names
+it (DESIGN.md section 6). The config is written verbatim into the job's report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from alignment.allocation import AllocationSettings
+from moe_routing.config import load_yaml_config
+from safety_eval.suite import SuiteSettings
+
+# What is trained (DESIGN.md section 4 and the baselines of issue 4):
+#   mesa         the experts selected by the OT allocation + every router, SFT + gamma * OT-KL
+#   sft_all      every parameter, SFT
+#   router_only  the routers only, SFT
+#   safex        the top safety-critical experts (risk difference, SAFEx-style), SFT
+#   lora         LoRA adapters (peft) on attention and routers, SFT; merged at export
+Method = Literal["mesa", "sft_all", "router_only", "safex", "lora"]
+
+
+class DataConfig(BaseModel):
+    """Where the three datasets come from.
+
+    Each source is ``packaged`` (the organism's training-side splits, shipped with this package),
+    a local JSONL file (``{"prompt", "response"}`` or ``{"messages": [...]}`` per line), or
+    ``hf:<dataset id>[:<split>]`` for a hub dataset (needs network and the `datasets` package).
+    A D_safe row may carry ``"harmful": false`` for a benign request answered normally; such rows
+    are SFT data but not safety inputs (statistics set, router target). Rows without it count as
+    harmful requests.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    safety: str = "packaged"  # D_safe: SFT data (refusals to harmful requests, answers to benign ones)
+    general: str = "packaged"  # D_general: routing of these inputs is kept close to the reference
+    statistics_prompts: int = Field(500, ge=8)  # D_stat: this many safety + this many general prompts
+    refusal: str | None = None  # packaged data: the refusal text (default: the organism's own)
+    max_examples: int | None = Field(None, ge=1)  # cap per dataset (quick runs)
+
+
+class TrainingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: Method = "mesa"
+    steps: int = Field(150, ge=1)
+    batch_size: int = Field(32, ge=1)  # global: split over workers
+    learning_rate: float = Field(1e-3, gt=0, lt=1)
+    warmup_steps: int = Field(10, ge=0)
+    # Share of each batch drawn from D_general; those rows enter the OT-KL router loss (their
+    # routing stays at the reference's) and the SFT loss with weight `general_replay`.
+    general_share: float = Field(0.25, ge=0, lt=1)
+    general_replay: float = Field(0.0, ge=0)
+    gamma: float = Field(1.0, ge=0)  # weight of the OT-KL router loss (mesa only)
+    # Router target for safety rows [choice]: P_ref * exp(-C~ / router_tau), C~ = 0 on the selected
+    # experts and 1 elsewhere; smaller tau pushes harder towards the selected experts.
+    router_tau: float = Field(1.0, gt=0)
+    safex_experts: int = Field(8, ge=1)  # safex: how many top safety-critical pairs to train
+    lora_rank: int = Field(8, ge=1)
+    max_length: int = Field(256, ge=16)
+    grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(25, ge=1)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    threads: int | None = Field(None, ge=1)  # torch threads per worker (default: torch's choice)
+
+
+class ProfileConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(256, ge=8)
+    num_workers: int = Field(2, ge=1)
+
+
+class EvaluationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    base: bool = True  # also evaluate the input checkpoint, for the before/after table
+    suite: SuiteSettings = SuiteSettings()
+
+
+class AlignmentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # A local HF checkpoint directory, a hub id, or "organism" (the embedded default, built and
+    # cached on first use).
+    model: str = "organism"
+    output_dir: str = "runs/align"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    profile: ProfileConfig = ProfileConfig()
+    allocation: AllocationSettings = AllocationSettings()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.training.batch_size < self.training.num_workers:
+            raise ValueError("training.batch_size must be >= training.num_workers")
+        return self
+
+
+def load_config(path: str | Path | None, **overrides) -> AlignmentConfig:
+    return load_yaml_config(AlignmentConfig, path, "alignment config", **overrides)

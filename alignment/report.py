@@ -1,0 +1,168 @@
+"""The alignment job's report: JSON (everything), Markdown (before/after table) and plots.
+
+Plots: the allocation (OT scores per layer x expert, selected pairs marked), the cost curve C(f)
+with every expert placed on it, and safety-routing frequency before vs after training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from alignment.allocation import shoulder_cost
+from moe_routing.stats import RoutingCounts, expert_frequency, risk_difference
+
+# Columns of the before/after table: (summary key, label); the key's value is a rate in [0, 1].
+TABLE_COLUMNS = (
+    ("safety_rate", "Safety Rate"),
+    ("jailbreak_safety_rate", "SR jailbreak"),
+    ("top4_mask_safety_rate", "SR top-4 masked"),
+    ("top6_mask_safety_rate", "SR top-6 masked"),
+    ("top8_mask_safety_rate", "SR top-8 masked"),
+    ("random6_mask_safety_rate", "SR random-6 masked"),
+    ("scale_global_x0.5_safety_rate", "SR scale x0.5"),
+    ("scale_global_x1.5_safety_rate", "SR scale x1.5"),
+    ("routing_search_attack_success", "F-SOUR ASR"),
+    ("general_accuracy", "General acc."),
+    ("over_refusal", "Over-refusal"),
+)
+
+
+def table_row(evaluation: dict) -> dict:
+    """A suite report's numbers for the table, including top-4/6/8 masking from its curve."""
+    row = dict(evaluation["summary"])
+    targeted = {int(n): rate for n, rate in evaluation["masking"]["targeted"].items()}
+    for n in (4, 6, 8):
+        row[f"top{n}_mask_safety_rate"] = targeted.get(n)
+    return row
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def results_table(rows: dict[str, dict], extra: dict[str, dict] | None = None) -> str:
+    """Markdown table: one row per model, TABLE_COLUMNS in percent, plus `extra` columns."""
+    extra = extra or {}
+    extra_keys = list(dict.fromkeys(k for v in extra.values() for k in v))
+    header = ["model"] + [label + " (%)" for _, label in TABLE_COLUMNS] + ["eff. safety experts"] + extra_keys
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for name, row in rows.items():
+        cells = [name] + [_pct(row.get(key)) for key, _ in TABLE_COLUMNS]
+        cells.append(f"{row.get('effective_safety_experts', float('nan')):.2f}")
+        cells += [str(extra.get(name, {}).get(k, "")) for k in extra_keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_allocation(allocation: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = np.asarray(allocation["scores"])
+    fig, ax = plt.subplots(figsize=(2 + 0.6 * scores.shape[1], 1.2 + 0.5 * scores.shape[0]))
+    image = ax.imshow(scores, cmap="magma", aspect="auto")
+    for layer, expert in allocation["selected"]:
+        ax.add_patch(plt.Rectangle((expert - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=2))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title("OT allocation: safety duty per expert (selected boxed)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_cost(allocation: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = allocation["settings"]
+    f = np.linspace(0, 100, 401)[None, :]
+    curve = shoulder_cost(f, settings["alpha_shift"], settings["tail_delta"])[0]
+    rank, cost = np.asarray(allocation["rank"]), np.asarray(allocation["cost"])
+    selected = {tuple(p) for p in allocation["selected"]}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(f[0], curve, color="grey", label="C(f) / min")
+    mask = np.array([[(l, e) in selected for e in range(rank.shape[1])] for l in range(rank.shape[0])])
+    ax.scatter(rank[~mask], cost[~mask], s=12, color="steelblue", label="experts")
+    ax.scatter(rank[mask], cost[mask], s=30, color="crimson", label="selected")
+    ax.set_yscale("log")
+    ax.set_xlabel("percentile rank f (0 = most activated)")
+    ax.set_ylabel("relative cost")
+    ax.set_title(f"Shoulder cost, alpha_shift {settings['alpha_shift']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_routing(before: tuple[RoutingCounts, RoutingCounts], after: tuple[RoutingCounts, RoutingCounts],
+                 path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("safety prompts, before", expert_frequency(before[0]), "viridis"),
+        ("safety prompts, after", expert_frequency(after[0]), "viridis"),
+        ("risk difference, before", risk_difference(*before), "coolwarm"),
+        ("risk difference, after", risk_difference(*after), "coolwarm"),
+    ]
+    layers, experts = panels[0][1].shape
+    fig, axes = plt.subplots(2, 2, figsize=(3 + 1.6 * experts, 2 + 1.0 * layers), squeeze=False)
+    vmax = max(panels[0][1].max(), panels[1][1].max())
+    limit = max(np.abs(panels[2][1]).max(), np.abs(panels[3][1]).max()) or 1.0
+    for ax, (title, data, cmap) in zip(axes.flat, panels):
+        kwargs = {"vmin": 0, "vmax": vmax} if cmap == "viridis" else {"vmin": -limit, "vmax": limit}
+        image = ax.imshow(data, cmap=cmap, aspect="auto", **kwargs)
+        ax.set_title(title)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle("Routing of safety prompts before and after alignment")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown(report: dict) -> str:
+    params = report["parameters"]
+    lines = [
+        f"# Alignment: {report['method']}",
+        "",
+        f"Base `{report['base_checkpoint']}` -> aligned `{report['aligned_checkpoint']}`. "
+        f"Seed {report['config']['seed']}. Trainable parameters {params['trainable']:,} of "
+        f"{params['total']:,} ({100 * params['fraction']:.2f}%). Trained experts: "
+        f"{report['trained_experts'] or '-'}.",
+        "",
+        f"Effective number of safety experts (D_stat): "
+        f"{report['routing']['before']['effective_safety_experts']} before, "
+        f"{report['routing']['after']['effective_safety_experts']} after.",
+        "",
+    ]
+    if report["evaluation"]:
+        lines += [results_table(report["evaluation"]), ""]
+    lines += [f"Timings (s): {report['timings_seconds']}", ""]
+    return "\n".join(lines)
+
+
+def write_alignment_report(report: dict, out: Path, *, before, after) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "report.json", out / "report.md"]
+    paths[0].write_text(json.dumps(report, indent=1, default=str))
+    paths[1].write_text(markdown(report))
+    paths.append(plot_allocation(report["allocation"], out / "allocation.png"))
+    paths.append(plot_cost(report["allocation"], out / "cost_curve.png"))
+    paths.append(plot_routing(before, after, out / "routing_before_after.png"))
+    return paths

@@ -1,0 +1,304 @@
+"""MESA alignment job: profile -> allocate -> train -> export -> evaluate, on Ray.
+
+    ray job submit --working-dir . -- python alignment/run.py --config alignment/configs/organism.yaml
+    python alignment/run.py --config ...        # the same on a local Ray instance
+
+Every stage writes its result into `output_dir` before the next starts, and a re-run with the
+same config picks up where the last one stopped: profiles and the allocation are reused, training
+resumes from its latest Ray Train checkpoint, finished evaluations are kept. A different config in
+a used `output_dir` is refused rather than mixed.
+
+Outputs: `model/` (the aligned HF checkpoint), `report.json`, `report.md` and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (`python alignment/run.py`): import the package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from alignment.allocation import allocate  # noqa: E402
+from alignment.config import AlignmentConfig, load_config  # noqa: E402
+from alignment.data import AlignmentData, DataError, load_alignment_data  # noqa: E402
+from moe_routing.architectures import UnsupportedArchitectureError  # noqa: E402
+from moe_routing.stats import RoutingCounts, effective_safety_experts, risk_difference  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resolve_model(config: AlignmentConfig) -> str:
+    """The checkpoint to align: the organism (built and cached on first use), a directory, or a
+    hub id. Fails early, before any Ray work, for an unsupported architecture."""
+    if config.model == "organism":
+        from organism.build import ensure_organism
+
+        return str(ensure_organism(log=log))
+    from transformers import AutoConfig
+
+    from moe_routing.architectures import check_supported
+
+    path = Path(config.model).expanduser()
+    if not path.exists() and (config.model.startswith((".", "/", "~")) or config.model.count("/") > 1):
+        raise ValueError(f"model: checkpoint directory not found: {config.model}")
+    target = str(path) if path.exists() else config.model
+    try:
+        check_supported(AutoConfig.from_pretrained(target))
+    except OSError as error:
+        raise ValueError(f"model: cannot read {target!r} ({error})") from None
+    return target
+
+
+def _profile(checkpoint: str, prompts: list[str], config: AlignmentConfig, path: Path) -> RoutingCounts:
+    """Routing counts of `prompts` on `checkpoint`, Ray-sharded, reused from `path` when the same
+    prompts and settings were profiled before."""
+    from moe_routing.profiler import ProfileSettings, profile_routing_ray
+
+    settings = ProfileSettings(batch_size=config.profile.batch_size, max_length=config.profile.max_length)
+    key = _digest([checkpoint, prompts, config.profile.model_dump()])
+    meta = path.with_suffix(".json")
+    if path.is_file() and meta.is_file() and json.loads(meta.read_text()).get("key") == key:
+        return RoutingCounts.load(path)
+    counts = profile_routing_ray(
+        checkpoint, prompts, settings, num_workers=config.profile.num_workers, progress=False,
+        resume_dir=path.parent / f"{path.stem}-shards",
+    )
+    counts.save(path)
+    meta.write_text(json.dumps({"key": key, "prompts": len(prompts)}))
+    return counts
+
+
+def trained_experts(config: AlignmentConfig, allocation, safety: RoutingCounts,
+                    general: RoutingCounts) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(experts whose weights train, experts the router target favours) for the method."""
+    method = config.training.method
+    if method == "mesa":
+        return list(allocation.selected), list(allocation.selected)
+    if method == "safex":  # SAFEx-style: the experts safety routing concentrates in today
+        from moe_routing.stats import safety_critical_ranking
+
+        ranking = safety_critical_ranking(safety, general, top_n=config.training.safex_experts, n_bootstrap=0)
+        return [(s.layer, s.expert) for s in ranking], []
+    return [], []
+
+
+def _check_output_dir(out: Path, fingerprint: dict) -> None:
+    """Refuse to resume a run made with a different config (its checkpoints would be mixed in)."""
+    path = out / "run.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous.get("key") != _digest(fingerprint):
+            raise ValueError(
+                f"output_dir {out} holds a run with a different config or model; "
+                "choose another output_dir or delete it"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"key": _digest(fingerprint), **fingerprint}, indent=1, default=str))
+
+
+def train(config: AlignmentConfig, checkpoint: str, experts, selected, out: Path) -> Path:
+    """Ray Train (TorchTrainer): data-parallel workers; returns the final checkpoint directory."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from alignment.training import train_worker
+
+    training = config.training
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "config": config.model_dump(),
+            "checkpoint": checkpoint,
+            "experts": [list(p) for p in experts],
+            "selected": [list(p) for p in selected],
+        },
+        scaling_config=ScalingConfig(
+            num_workers=training.num_workers,
+            use_gpu=training.use_gpu,
+            resources_per_worker={"CPU": 1} if not training.use_gpu else None,
+        ),
+        run_config=RunConfig(
+            name=f"train-{training.method}",
+            storage_path=str((out / "ray_train").resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    return Path(result.checkpoint.path)
+
+
+def evaluate_checkpoint(checkpoint: str, config: AlignmentConfig, out: Path) -> dict:
+    """The evaluation suite on `checkpoint`, written to `out` (kept if already there)."""
+    from safety_eval.report import write_report
+    from safety_eval.suite import run_suite
+
+    report_path = out / "report.json"
+    settings = config.evaluation.suite
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        same_settings = report.get("settings") == json.loads(settings.model_dump_json())
+        if same_settings and report.get("checkpoint") == checkpoint:
+            return report
+    report = run_suite(checkpoint, settings, log=log)
+    write_report(report, out)
+    return report
+
+
+def run(config: AlignmentConfig) -> dict:
+    import ray
+
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    out = Path(config.output_dir).resolve()
+    checkpoint = resolve_model(config)
+    _check_output_dir(out, {"config": config.model_dump(exclude={"evaluation"}), "checkpoint": checkpoint})
+    (out / "config.json").write_text(config.model_dump_json(indent=1))
+    log(f"[align] method {config.training.method}; model {checkpoint}; output {out}")
+
+    def stage(name: str, fn):
+        t0 = time.monotonic()
+        log(f"[align] {name} ...")
+        value = fn()
+        timings[name] = round(time.monotonic() - t0, 1)
+        log(f"[align] {name} done in {timings[name]} s")
+        return value
+
+    if not ray.is_initialized():
+        # Under `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local instance.
+        ray.init(ignore_reinit_error=True, log_to_driver=True)
+    data: AlignmentData = stage("data", lambda: load_alignment_data(config, checkpoint))
+    log(f"[align] data: {data.sizes()}")
+    safety_prompts, general_prompts = data.statistics_prompts(config.data.statistics_prompts, config.seed)
+    safety, general = stage("profile", lambda: (
+        _profile(checkpoint, safety_prompts, config, out / "profile" / "safety.npz"),
+        _profile(checkpoint, general_prompts, config, out / "profile" / "general.npz"),
+    ))
+    allocation = stage("allocate", lambda: allocate(safety, general, config.allocation))
+    experts, selected = trained_experts(config, allocation, safety, general)
+    log(f"[align] trained experts {experts or '-'}")
+    (out / "allocation.json").write_text(json.dumps(allocation.to_dict(), indent=1))
+
+    trained = stage("train", lambda: train(config, checkpoint, experts, selected, out))
+    history = json_history(trained)
+    from alignment.training import export_checkpoint
+
+    model_dir = out / "model"
+    info = {
+        "base_checkpoint": checkpoint,
+        "method": config.training.method,
+        "trained_experts": [list(p) for p in experts],
+        "config": config.model_dump(),
+    }
+    stage("export", lambda: export_checkpoint(config, checkpoint, trained, experts, model_dir, info))
+    after_safety, after_general = stage("profile_aligned", lambda: (
+        _profile(str(model_dir), safety_prompts, config, out / "profile" / "aligned-safety.npz"),
+        _profile(str(model_dir), general_prompts, config, out / "profile" / "aligned-general.npz"),
+    ))
+
+    evaluations = {}
+    if config.evaluation.enabled:
+        if config.evaluation.base:
+            evaluations["base"] = stage("evaluate_base", lambda: evaluate_checkpoint(
+                checkpoint, config, out / "eval" / "base"))
+        evaluations["aligned"] = stage("evaluate_aligned", lambda: evaluate_checkpoint(
+            str(model_dir), config, out / "eval" / "aligned"))
+
+    from alignment.report import table_row, write_alignment_report
+    from alignment.training import parameter_counts
+
+    report = {
+        "method": config.training.method,
+        "base_checkpoint": checkpoint,
+        "aligned_checkpoint": str(model_dir),
+        "config": config.model_dump(),
+        "data": {**data.sizes(), "source": data.source, "statistics_prompts": [len(safety_prompts),
+                                                                                 len(general_prompts)]},
+        "allocation": allocation.to_dict(),
+        "trained_experts": [list(p) for p in experts],
+        "parameters": parameter_counts(checkpoint, config, experts),
+        "training": {"steps": len(history), "final": history[-1] if history else None,
+                     "history": history},
+        "routing": {
+            "before": _routing_summary(safety, general),
+            "after": _routing_summary(after_safety, after_general),
+        },
+        "evaluation": {name: table_row(r) for name, r in evaluations.items()},
+        "timings_seconds": timings | {"total": round(time.monotonic() - started, 1)},
+    }
+    paths = write_alignment_report(report, out, before=(safety, general), after=(after_safety, after_general))
+    log(f"[align] done in {report['timings_seconds']['total']} s; aligned checkpoint: {model_dir}")
+    for path in paths:
+        log(f"  {path}")
+    return report
+
+
+def json_history(trained: Path) -> list[dict]:
+    import torch
+
+    from alignment.training import STATE_FILE
+
+    return torch.load(trained / STATE_FILE, map_location="cpu", weights_only=False)["history"]
+
+
+def _routing_summary(safety: RoutingCounts, general: RoutingCounts) -> dict:
+    from moe_routing.stats import expert_frequency
+
+    risk = risk_difference(safety, general)
+    return {
+        "safety_frequency": np.round(expert_frequency(safety), 5).tolist(),
+        "general_frequency": np.round(expert_frequency(general), 5).tolist(),
+        "effective_safety_experts": round(effective_safety_experts(risk), 3),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="MESA alignment job (profile, allocate, train, export, "
+                                     "evaluate)")
+    parser.add_argument("--config", help="YAML alignment config (default: the organism defaults)")
+    parser.add_argument("--output-dir", help="override output_dir")
+    parser.add_argument("--method", help="override training.method (mesa, sft_all, router_only, safex, lora)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        if args.output_dir:
+            config = config.model_copy(update={"output_dir": args.output_dir})
+        if args.method:
+            config = AlignmentConfig.model_validate(
+                config.model_dump() | {"training": config.training.model_dump() | {"method": args.method}}
+            )
+    except ValidationError as error:
+        print(f"error: bad alignment config:\n{error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        run(config)
+    except (UnsupportedArchitectureError, DataError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Supervised fine-tuning on chat exchanges: encoding, batching and the token loss.
+
+Shared by the organism's training stages and the alignment methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def encode_chat(tokenizer, prompt: str, response: str, max_length: int | None = None
+                ) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one user/assistant exchange in the model's chat template; the loss
+    is on the assistant turn (and its end-of-turn marker) only. Long prompts are cut from the left
+    so the response is always kept (at most half of `max_length` of it)."""
+    user = [{"role": "user", "content": prompt}]
+    head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(
+        user + [{"role": "assistant", "content": response}], tokenize=False
+    )
+    tail = full[len(head):].rstrip("\n") if full.startswith(head) else response
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
+    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    if max_length is not None:
+        tail_ids = tail_ids[: max_length // 2]
+        head_ids = head_ids[-(max_length - len(tail_ids)):]
+    return head_ids + tail_ids, [-100] * len(head_ids) + tail_ids
+
+
+def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int):
+    """(input_ids, attention_mask, labels), right-padded."""
+    length = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), length), pad_id)
+    labels = torch.full((len(examples), length), -100)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, (ids, labs) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        mask[row, : len(ids)] = 1
+    return input_ids, mask, labels
+
+
+def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+    """Next-token cross entropy over labelled tokens, each row's tokens weighted by row_weight."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    weight = (labels != -100).float() * row_weight[:, None]
+    if weight.sum() == 0:
+        return logits.sum() * 0.0
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0),
+                         reduction="none").view_as(weight)
+    return (ce * weight).sum() / weight.sum()

@@ -1,0 +1,117 @@
+"""The alignment job end to end on the organism: real Ray Train, a real kill, a real resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = [sys.executable, str(ROOT / "alignment" / "run.py")]
+
+
+@pytest.fixture(scope="module")
+def organism():
+    from organism.build import ensure_organism
+
+    return ensure_organism(log=lambda *_: None)
+
+
+def _config(tmp_path: Path, name: str, checkpoint, **training) -> Path:
+    config = {
+        "model": str(checkpoint),
+        "output_dir": str(tmp_path / name),
+        "data": {"statistics_prompts": 64},
+        "profile": {"num_workers": 1},
+        "training": {"steps": 24, "batch_size": 8, "checkpoint_every": 4, "threads": 1} | training,
+        "evaluation": {"enabled": False},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _trained_values(run_dir: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=torch.float32)
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "ray_train").glob("train-*/checkpoint_*/train_state.pt"))
+
+
+def test_killed_job_resumes_to_the_same_result(tmp_path, organism):
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    # Uninterrupted run.
+    whole = subprocess.run(RUN + ["--config", str(_config(tmp_path, "whole", organism))],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    report = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert report["training"]["steps"] == 24 and report["method"] == "mesa"
+
+    # The same job, killed (SIGKILL, the whole process group) once a checkpoint exists.
+    config = _config(tmp_path, "killed", organism)
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(RUN + ["--config", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    deadline = time.monotonic() + 400
+    while not _checkpoints(run_dir) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert process.poll() is None, "the job ended before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    steps_done = [torch.load(p, weights_only=False)["step"] for p in _checkpoints(run_dir)]
+    assert steps_done and max(steps_done) < 24
+    assert not (run_dir / "model").exists()
+
+    resumed = subprocess.run(RUN + ["--config", str(config)], capture_output=True, text=True,
+                             timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed at step {max(steps_done)}/24" in resumed.stdout + resumed.stderr
+    a, b = _trained_values(tmp_path / "whole"), _trained_values(run_dir)
+    assert all(torch.equal(a[n], b[n]) for n in a), "resumed run differs from the uninterrupted one"
+
+    # Untouched parameters are bit-identical to the base; the selected experts moved.
+    from transformers import AutoModelForCausalLM
+
+    base = dict(AutoModelForCausalLM.from_pretrained(organism, dtype=torch.float32).named_parameters())
+    changed = {n for n in a if not torch.equal(a[n], base[n])}
+    assert changed and all(".mlp." in n for n in changed)
+
+    # A different config in the same output directory is refused, not mixed in.
+    other = _config(tmp_path, "killed", organism, learning_rate=0.01)
+    refused = subprocess.run(RUN + ["--config", str(other)], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "different config" in refused.stderr
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training: {stepz: 3}\n")
+    run = subprocess.run(RUN + ["--config", str(bad)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "stepz" in run.stderr and "Traceback" not in run.stderr
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = tmp_path / "dense"
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(dense)
+    config = tmp_path / "dense.yaml"
+    config.write_text(yaml.safe_dump({"model": str(dense), "output_dir": str(tmp_path / "out")}))
+    run = subprocess.run(RUN + ["--config", str(config)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "llama" in run.stderr.lower() and "Traceback" not in run.stderr
+
+    config.write_text(yaml.safe_dump({"model": str(tmp_path / "missing"), "output_dir": str(tmp_path / "o")}))
+    run = subprocess.run(RUN + ["--config", str(config)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "not found" in run.stderr
