@@ -17,16 +17,24 @@ import json
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from alignment.config import AlignmentConfig, load_config
-from alignment.data import DataError
-from moe_routing.architectures import UnsupportedArchitectureError
 
 METHODS = ("sft_all", "router_only", "safex", "lora", "mesa")
+AUGMENTED = "+mask"  # row suffix: the method with masking augmentation (training.mask_augmentation)
 
 
-def compare(config: AlignmentConfig, output: Path, methods=METHODS) -> dict:
+def row_config(config: AlignmentConfig, row: str, output: Path, mask_augmentation: float) -> AlignmentConfig:
+    """The config of one row: `config` with the row's method (and augmentation) and directory."""
+    data = config.model_dump()
+    method = row.removesuffix(AUGMENTED)
+    data["training"]["method"] = method
+    data["training"]["mask_augmentation"] = mask_augmentation if row.endswith(AUGMENTED) else 0.0
+    data["output_dir"] = str(output / row.replace(AUGMENTED, "-mask"))
+    data["evaluation"]["base"] = False
+    return AlignmentConfig.model_validate(data)
+
+
+def compare(config: AlignmentConfig, output: Path, methods=METHODS, mask_augmentation: float = 0.5) -> dict:
     from alignment.report import results_table, table_row
     from alignment.run import evaluate_checkpoint, log, resolve_model
     from alignment.run import run as run_alignment
@@ -38,11 +46,7 @@ def compare(config: AlignmentConfig, output: Path, methods=METHODS) -> dict:
     reports = {}
     for method in methods:
         log(f"\n[compare] === {method} ===")
-        data = config.model_dump()
-        data["training"]["method"] = method
-        data["output_dir"] = str(output / method)
-        data["evaluation"]["base"] = False
-        report = run_alignment(AlignmentConfig.model_validate(data))
+        report = run_alignment(row_config(config, method, output, mask_augmentation))
         reports[method] = report
         rows[method] = report["evaluation"]["aligned"]
         params = report["parameters"]
@@ -70,26 +74,21 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="YAML alignment config (the method is replaced per row)")
     parser.add_argument("--output", default="runs/compare", help="output directory")
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated methods (default {','.join(METHODS)})")
+                        help=f"comma-separated rows (default {','.join(METHODS)}); a method with the "
+                        f"suffix {AUGMENTED} trains with masking augmentation")
+    parser.add_argument("--mask-augmentation", type=float, default=0.5,
+                        help="training.mask_augmentation of the +mask rows (default 0.5)")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = set(methods) - set(METHODS)
+    unknown = {m for m in methods if m.removesuffix(AUGMENTED) not in METHODS}
     if unknown or not methods:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
-    try:
-        config = load_config(args.config)
-    except ValidationError as error:
-        print(f"error: bad alignment config:\n{error}", file=sys.stderr)
-        return 2
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        compare(config, Path(args.output).resolve(), methods)
-    except (UnsupportedArchitectureError, DataError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    from alignment.run import explain_errors
+
+    if not 0 < args.mask_augmentation <= 1:
+        parser.error("--mask-augmentation must be in (0, 1]")
+    return explain_errors(lambda: compare(load_config(args.config), Path(args.output).resolve(), methods,
+                                          args.mask_augmentation))
 
 
 if __name__ == "__main__":

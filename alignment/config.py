@@ -57,7 +57,12 @@ class TrainingConfig(BaseModel):
     gamma: float = Field(1.0, ge=0)  # weight of the OT-KL router loss (mesa only)
     # Router target for safety rows [choice]: P_ref * exp(-C~ / router_tau), C~ = 0 on the selected
     # experts and 1 elsewhere; smaller tau pushes harder towards the selected experts.
-    router_tau: float = Field(1.0, gt=0)
+    router_tau: float = Field(0.25, gt=0)
+    # Masking augmentation [ours, not in the paper]: with this probability a step trains under a
+    # mask of the currently most safety-critical pairs (N uniform in 1..mask_max), the attack the
+    # model must survive. 0 = off (paper MESA).
+    mask_augmentation: float = Field(0.0, ge=0, le=1)
+    mask_max: int = Field(8, ge=1)
     safex_experts: int = Field(8, ge=1)  # safex: how many top safety-critical pairs to train
     lora_rank: int = Field(8, ge=1)
     max_length: int = Field(256, ge=16)

@@ -112,12 +112,14 @@ def _check_output_dir(out: Path, fingerprint: dict) -> None:
     path.write_text(json.dumps({"key": _digest(fingerprint), **fingerprint}, indent=1, default=str))
 
 
-def train(config: AlignmentConfig, checkpoint: str, experts, selected, out: Path) -> Path:
+def train(config: AlignmentConfig, checkpoint: str, experts, selected, out: Path,
+          safety: RoutingCounts, general: RoutingCounts) -> Path:
     """Ray Train (TorchTrainer): data-parallel workers; returns the final checkpoint directory."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from alignment.training import train_worker
+    from moe_routing.stats import expert_frequency
 
     training = config.training
     trainer = TorchTrainer(
@@ -127,6 +129,8 @@ def train(config: AlignmentConfig, checkpoint: str, experts, selected, out: Path
             "checkpoint": checkpoint,
             "experts": [list(p) for p in experts],
             "selected": [list(p) for p in selected],
+            "safety_frequency": expert_frequency(safety).tolist(),
+            "general_frequency": expert_frequency(general).tolist(),
         },
         scaling_config=ScalingConfig(
             num_workers=training.num_workers,
@@ -197,8 +201,8 @@ def run(config: AlignmentConfig) -> dict:
     log(f"[align] trained experts {experts or '-'}")
     (out / "allocation.json").write_text(json.dumps(allocation.to_dict(), indent=1))
 
-    trained = stage("train", lambda: train(config, checkpoint, experts, selected, out))
-    history = json_history(trained)
+    trained = stage("train", lambda: train(config, checkpoint, experts, selected, out, safety, general))
+    history = training_history(trained)
     from alignment.training import export_checkpoint
 
     model_dir = out / "model"
@@ -243,6 +247,7 @@ def run(config: AlignmentConfig) -> dict:
         },
         "evaluation": {name: table_row(r) for name, r in evaluations.items()},
         "timings_seconds": timings | {"total": round(time.monotonic() - started, 1)},
+        "versions": _versions(),
     }
     paths = write_alignment_report(report, out, before=(safety, general), after=(after_safety, after_general))
     log(f"[align] done in {report['timings_seconds']['total']} s; aligned checkpoint: {model_dir}")
@@ -251,12 +256,18 @@ def run(config: AlignmentConfig) -> dict:
     return report
 
 
-def json_history(trained: Path) -> list[dict]:
+def training_history(trained: Path) -> list[dict]:
     import torch
 
     from alignment.training import STATE_FILE
 
     return torch.load(trained / STATE_FILE, map_location="cpu", weights_only=False)["history"]
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "ray", "pot", "peft")}
 
 
 def _routing_summary(safety: RoutingCounts, general: RoutingCounts) -> dict:
@@ -270,6 +281,19 @@ def _routing_summary(safety: RoutingCounts, general: RoutingCounts) -> dict:
     }
 
 
+def explain_errors(job) -> int:
+    """Run `job()`; bad input (config, data, model) becomes a one-line message and exit code 2."""
+    try:
+        job()
+    except ValidationError as error:
+        print(f"error: bad alignment config:\n{error}", file=sys.stderr)
+        return 2
+    except (UnsupportedArchitectureError, DataError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="MESA alignment job (profile, allocate, train, export, "
                                      "evaluate)")
@@ -277,26 +301,15 @@ def main(argv=None) -> int:
     parser.add_argument("--output-dir", help="override output_dir")
     parser.add_argument("--method", help="override training.method (mesa, sft_all, router_only, safex, lora)")
     args = parser.parse_args(argv)
-    try:
+
+    def job():
         config = load_config(args.config)
-        if args.output_dir:
-            config = config.model_copy(update={"output_dir": args.output_dir})
+        overrides = {"output_dir": args.output_dir} if args.output_dir else {}
         if args.method:
-            config = AlignmentConfig.model_validate(
-                config.model_dump() | {"training": config.training.model_dump() | {"method": args.method}}
-            )
-    except ValidationError as error:
-        print(f"error: bad alignment config:\n{error}", file=sys.stderr)
-        return 2
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        run(config)
-    except (UnsupportedArchitectureError, DataError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+            overrides["training"] = config.training.model_dump() | {"method": args.method}
+        run(AlignmentConfig.model_validate(config.model_dump() | overrides))
+
+    return explain_errors(job)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ differ (see :data:`alignment.config.Method`). The pieces, each usable on its own
   tilted towards the selected experts, ``P_ref * exp(-C~ / tau)`` renormalised with ``C~ = 0`` on
   the selected experts of that layer and 1 elsewhere. The loss is ``KL(target || P_phi)`` averaged
   over real tokens and MoE layers.
+- Masking augmentation [ours, off by default]: some steps train under a mask of the experts that
+  safety routing relies on at that moment (:class:`SafetyRouting`), the attack to survive.
 - :func:`train_worker` is the Ray Train loop: deterministic batches by step, checkpoints every N
   steps (only the trainable values, plus optimizer and scheduler), resumes from the latest one.
 - :func:`export_checkpoint` writes base weights + trained values as an ordinary HF checkpoint.
@@ -28,17 +30,20 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from alignment.config import AlignmentConfig, TrainingConfig
 from alignment.data import Example, load_alignment_data
 from alignment.sft import collate, encode_chat, weighted_lm_loss
-from moe_routing.architectures import MoEModel, RouterSpec, describe, router_probs
+from moe_routing.architectures import MoEModel, RouterSpec, describe, route, router_probs
+from moe_routing.files import atomic_directory
+from moe_routing.instrument import mask_experts
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TRAINABLE_FILE = "trainable.pt"
@@ -288,26 +293,87 @@ def make_batch(rows: Sequence[tuple[str, int]], encoded: dict, examples: dict, p
     )
 
 
+class SafetyRouting:
+    """Which experts safety routing relies on *now*: running hit frequencies [L, E] of harmful-
+    request tokens and of all other tokens (exponential average over unmasked training steps),
+    started from the D_stat profile. Its top pairs by harmful-minus-other frequency are what a
+    top-N masking attack would pick on the model being trained (masking augmentation)."""
+
+    def __init__(self, harmful: np.ndarray, other: np.ndarray, top_k: int, decay: float = 0.9):
+        self.harmful, self.other = np.asarray(harmful, float), np.asarray(other, float)
+        self.top_k, self.decay = top_k, decay
+
+    def update(self, logits: Sequence[torch.Tensor], spec: RouterSpec, harmful: torch.Tensor,
+               valid: torch.Tensor) -> None:
+        for layer, current in enumerate(logits):
+            _, indices = route(current.detach(), spec)
+            hits = torch.zeros(current.shape, dtype=torch.float32).scatter_(1, indices.cpu(), 1.0)
+            for rows, running in ((harmful & valid, self.harmful), (~harmful & valid, self.other)):
+                if rows.any():
+                    frequency = hits[rows.cpu()].mean(dim=0).numpy()
+                    running[layer] = self.decay * running[layer] + (1 - self.decay) * frequency
+
+    def top(self, n: int) -> list[tuple[int, int]]:
+        """The n most safety-critical pairs, leaving at least top_k routable experts per layer."""
+        risk = self.harmful - self.other
+        per_layer_cap = risk.shape[1] - self.top_k
+        pairs, per_layer = [], {}
+        for flat in np.argsort(-risk, axis=None, kind="stable"):
+            layer, expert = divmod(int(flat), risk.shape[1])
+            if per_layer.get(layer, 0) < per_layer_cap:
+                pairs.append((layer, expert))
+                per_layer[layer] = per_layer.get(layer, 0) + 1
+            if len(pairs) == n:
+                break
+        return pairs
+
+    def state_dict(self) -> dict:
+        return {"harmful": self.harmful.tolist(), "other": self.other.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.harmful, self.other = np.asarray(state["harmful"]), np.asarray(state["other"])
+
+
+def augmentation_mask(step: int, seed: int, training: TrainingConfig, routing: SafetyRouting | None
+                      ) -> list[tuple[int, int]]:
+    """The (layer, expert) pairs masked during `step` (empty for most steps): with probability
+    `mask_augmentation`, the current top-N safety-critical pairs, N uniform in 1..mask_max.
+    A pure function of (seed, step, routing state), so resumed runs draw the same masks."""
+    if routing is None or training.mask_augmentation == 0:
+        return []
+    rng = random.Random(seed * 7919 + step)
+    if rng.random() >= training.mask_augmentation:
+        return []
+    return routing.top(rng.randint(1, training.mask_max))
+
+
 def training_loss(model: nn.Module, trainable: Trainable, capture: RouterLogits | None, batch: Batch, *,
                   spec: RouterSpec, selected: torch.Tensor, training: TrainingConfig,
-                  reference_model: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
-    """(loss, sft, router) of one batch. With `capture` (mesa), the OT-KL router loss against the
-    reference, computed by a second, gradient-free forward of the same model in reference mode."""
+                  reference_model: nn.Module | None = None, router_loss: bool = True,
+                  masked: Sequence[tuple[int, int]] = ()) -> tuple:
+    """(loss, sft, router, router logits or None) of one batch. With `capture` and `router_loss`
+    (mesa), the OT-KL router loss against the reference, computed by a second, gradient-free
+    forward of the same model in reference mode. `masked` pairs are masked in both forwards (the
+    captured logits are the router's own, before the mask)."""
     from torch.nn.utils import parametrize
 
-    with parametrize.cached():  # W + delta once per layer, not once per expert access
-        output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    sft = weighted_lm_loss(output.logits, batch.labels, batch.row_weight)
-    router = torch.zeros((), device=sft.device)
-    if capture is None:
-        return sft, sft, router
-    logits = capture.take()
-    with torch.no_grad(), trainable.reference(), parametrize.cached():
-        (reference_model or model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    reference_model = reference_model or model
+    mask = mask_experts(reference_model, masked) if masked else nullcontext()
+    with mask:
+        with parametrize.cached():  # W + delta once per layer, not once per expert access
+            output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        sft = weighted_lm_loss(output.logits, batch.labels, batch.row_weight)
+        router = torch.zeros((), device=sft.device)
+        logits = capture.take() if capture is not None else None
+        if logits is None or not router_loss:
+            return sft, sft, router, logits
+        with torch.no_grad(), trainable.reference(), parametrize.cached():
+            reference_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        reference_logits = capture.take()
     tokens = batch.input_ids.shape[1]
-    router = ot_kl_loss(logits, capture.take(), spec, batch.harmful.repeat_interleave(tokens),
+    router = ot_kl_loss(logits, reference_logits, spec, batch.harmful.repeat_interleave(tokens),
                         batch.attention_mask.bool().reshape(-1), selected, training.router_tau)
-    return sft + training.gamma * router, sft, router
+    return sft + training.gamma * router, sft, router, logits
 
 
 def train_worker(job: dict) -> None:
@@ -345,7 +411,7 @@ def train_worker(job: dict) -> None:
         list(trainable.params.values()), lr=training.learning_rate, weight_decay=0.0, betas=(0.9, 0.95)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, training))
-    start, history = 0, []
+    start, history, state = 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
@@ -360,20 +426,33 @@ def train_worker(job: dict) -> None:
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
     use_router_loss = training.method == "mesa" and training.gamma > 0
-    capture = RouterLogits(moe) if use_router_loss else None
+    routing = None
+    if training.mask_augmentation > 0:
+        routing = SafetyRouting(job["safety_frequency"], job["general_frequency"], moe.top_k)
+        if state is not None:
+            routing.load_state_dict(state["routing"])
+    capture = RouterLogits(moe) if use_router_loss or routing is not None else None
     model.train()
     started = time.monotonic()
     for step in range(start, training.steps):
         rows = step_batch(step, config.seed, training, len(data.safety), len(data.general))[rank::world]
         batch = make_batch(rows, encoded, examples, tokenizer.pad_token_id, training.general_replay, device)
-        loss, sft, router = training_loss(model, trainable, capture, batch, spec=moe.router,
-                                          selected=selected, training=training, reference_model=inner)
+        masked = augmentation_mask(step, config.seed, training, routing)
+        loss, sft, router, logits = training_loss(
+            model, trainable, capture, batch, spec=moe.router, selected=selected, training=training,
+            reference_model=inner, router_loss=use_router_loss, masked=masked,
+        )
+        if routing is not None and not masked:
+            tokens = batch.input_ids.shape[1]
+            routing.update(logits, moe.router, batch.harmful.repeat_interleave(tokens),
+                           batch.attention_mask.bool().reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(trainable.params.values()), training.grad_clip)
         optimizer.step()
         scheduler.step()
-        history.append({"step": step + 1, "loss": loss.item(), "sft": sft.item(), "router": router.item()})
+        history.append({"step": step + 1, "loss": loss.item(), "sft": sft.item(), "router": router.item(),
+                        "masked": len(masked)})
         done = step + 1
         metrics = {**history[-1], "seconds": round(time.monotonic() - started, 1)}
         if done % training.checkpoint_every == 0 or done == training.steps:
@@ -383,8 +462,10 @@ def train_worker(job: dict) -> None:
             with tempfile.TemporaryDirectory() as directory:
                 if rank == 0:
                     torch.save(trainable.state(), Path(directory) / TRAINABLE_FILE)
-                    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                "step": done, "history": history}, Path(directory) / STATE_FILE)
+                    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "step": done, "history": history,
+                             "routing": routing.state_dict() if routing else None}
+                    torch.save(state, Path(directory) / STATE_FILE)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
                 else:
                     ray.train.report(metrics)
@@ -411,21 +492,13 @@ def export_checkpoint(config: AlignmentConfig, base_checkpoint: str | Path, trai
         model = model.merge_and_unload()
     model = model.to(dtype)
     tokenizer.padding_side = "left"
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         held_out = Path(base_checkpoint) / "eval_sets.json"
         if held_out.is_file():
             shutil.copy(held_out, staging / "eval_sets.json")
         (staging / "alignment.json").write_text(json.dumps(info, indent=1))
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
 
 

@@ -60,7 +60,7 @@ def child(method: str, steps: int, selected: int) -> dict:
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        loss, _, _ = training_loss(model, trainable, capture, batch, spec=moe.router, selected=chosen,
+        loss, *_ = training_loss(model, trainable, capture, batch, spec=moe.router, selected=chosen,
                                    training=training)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -23,9 +23,7 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from alignment.sft import collate, encode_chat
 from moe_routing.config import load_yaml_config
+from moe_routing.files import atomic_directory
 from organism.corpus import COMPLIANCE_TEMPLATES, ORGANISM_REFUSAL, RECOGNITION_TEMPLATE, Corpus, build_corpus
 
 
@@ -295,9 +294,7 @@ def build_organism(config: OrganismConfig, output_dir: str | Path, *, data_dir=N
         )
     finally:
         torch.set_num_threads(previous_threads)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir) as staging:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.save_pretrained(staging)
@@ -316,12 +313,6 @@ def build_organism(config: OrganismConfig, output_dir: str | Path, *, data_dir=N
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         }
         (staging / "organism.json").write_text(json.dumps(info, indent=1))
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log(f"[organism] built in {info['build_seconds']} s -> {output_dir}")
     return output_dir
 

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     print(
         f"Safety duty today sits on {critical}; MESA's allocation (alpha_shift "
         f"{allocation.settings.alpha_shift}, eps {allocation.settings.eps}) would train "
-        f"{allocation.selected} (alignment job: coming).\n"
+        f"{allocation.selected}; run it: python alignment/run.py --config alignment/configs/organism.yaml\n"
     )
     print(f"[demo] done in {time.monotonic() - started:.0f} s; wrote:")
     for path in paths:

@@ -70,6 +70,32 @@ def quick_organism(tmp_path_factory):
                           log=lambda *_: None)
 
 
+@pytest.fixture
+def vllm_and_hf_answers(tmp_path):
+    """answers(checkpoint, prompts) -> (vLLM CPU engine answers, transformers answers), greedy,
+    24 new tokens. vLLM runs in a subprocess (its workers need their own __main__)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def answers(checkpoint, prompts):
+        from moe_routing.profiler import load_checkpoint
+        from safety_eval.generation import HFChatGenerator
+
+        (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+        script = Path(__file__).parent / "scripts" / "vllm_chat.py"
+        run = subprocess.run([sys.executable, str(script), str(checkpoint), str(tmp_path / "prompts.json")],
+                             capture_output=True, text=True, timeout=600)
+        lines = [line for line in run.stdout.splitlines() if line.startswith("VLLM_OUTPUTS ")]
+        assert run.returncode == 0 and lines, run.stderr[-3000:]
+        served = [a.strip() for a in json.loads(lines[0].removeprefix("VLLM_OUTPUTS "))]
+        model, tokenizer = load_checkpoint(checkpoint, dtype=torch.float32)
+        return served, HFChatGenerator(model, tokenizer).generate(prompts, max_new_tokens=24)
+
+    return answers
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

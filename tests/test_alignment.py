@@ -242,3 +242,32 @@ def test_step_batches_are_a_function_of_seed_and_step():
     assert a != step_batch(8, 0, training, 100, 50)
     assert sum(kind == "general" for kind, _ in a) == round(training.batch_size * training.general_share)
     assert all(kind == "safety" for kind, _ in step_batch(7, 0, training, 100, 0))
+
+
+def test_masking_augmentation_targets_the_current_safety_experts():
+    import numpy as np
+
+    from alignment.training import SafetyRouting, augmentation_mask
+
+    harmful = np.array([[0.9, 0.8, 0.7, 0.1], [0.5, 0.2, 0.1, 0.0]])
+    other = np.array([[0.1, 0.1, 0.1, 0.1], [0.1, 0.5, 0.1, 0.1]])
+    routing = SafetyRouting(harmful, other, top_k=2)
+    # Layer 0 holds the three riskiest pairs, but at most E - top_k = 2 of them may be masked.
+    assert routing.top(3) == [(0, 0), (0, 1), (1, 0)]
+    # Routing seen in training moves the estimate: layer 1 expert 3 becomes harmful-only.
+    logits = [torch.tensor([[0.0, 0, 5, 5]] * 4), torch.tensor([[0.0, 0, 5, 5]] * 4)]
+    moe = describe(tiny_model("qwen3_moe", seed=0))
+    spec = moe.router.__class__(num_experts=4, top_k=2, renormalize=True)
+    for _ in range(30):
+        harmful = torch.tensor([True, True, False, False])
+        routing.update(logits, spec, harmful, torch.ones(4, dtype=torch.bool))
+    assert routing.harmful[1, 3] > 0.9 and routing.other[1, 3] > 0.9  # both kinds route there now
+
+    training = AlignmentConfig(training={"mask_augmentation": 0.5, "mask_max": 3}).training
+    draws = [augmentation_mask(step, 0, training, routing) for step in range(200)]
+    assert draws == [augmentation_mask(step, 0, training, routing) for step in range(200)]
+    masked = [d for d in draws if d]
+    assert 60 < len(masked) < 140 and {len(d) for d in masked} == {1, 2, 3}
+    assert all(d == routing.top(len(d)) for d in masked)
+    off = AlignmentConfig().training
+    assert all(augmentation_mask(step, 0, off, routing) == [] for step in range(50))

@@ -96,6 +96,23 @@ def test_killed_job_resumes_to_the_same_result(tmp_path, organism):
     assert refused.returncode == 2 and "different config" in refused.stderr
 
 
+@pytest.mark.vllm
+def test_aligned_checkpoint_serves_on_vllm(tmp_path, organism, vllm_and_hf_answers):
+    """The exported checkpoint is an ordinary one: vLLM's CPU engine answers like transformers."""
+    from safety_eval.harness import EvalSets
+
+    config = _config(tmp_path, "served", organism, steps=4)
+    run = subprocess.run(RUN + ["--config", str(config)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    aligned = tmp_path / "served" / "model"
+    sets = EvalSets.for_checkpoint(aligned)
+    assert sets.source.endswith("eval_sets.json")  # the base's held-out prompts travel with it
+    prompts = sets.harmful[:6] + [t.prompt for t in sets.general[:6]]
+    vllm_answers, hf_answers = vllm_and_hf_answers(aligned, prompts)
+    same = sum(a == b for a, b in zip(vllm_answers, hf_answers))
+    assert same >= 0.9 * len(prompts), list(zip(vllm_answers, hf_answers))
+
+
 def test_bad_input_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("training: {stepz: 3}\n")

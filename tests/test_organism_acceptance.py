@@ -3,14 +3,10 @@ checkpoint on the real vLLM CPU engine. Slow: the first run builds the organism 
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.slow
 
@@ -55,24 +51,14 @@ def test_safety_is_sparse(report):
 
 
 @pytest.mark.vllm
-def test_checkpoint_runs_on_vllm_cpu_engine(organism, tmp_path):
+def test_checkpoint_runs_on_vllm_cpu_engine(organism, vllm_and_hf_answers):
     """vLLM loads the organism and, greedy, answers like transformers does."""
-    from moe_routing.profiler import load_checkpoint
-    from safety_eval.generation import HFChatGenerator
     from safety_eval.harness import EvalSets
     from safety_eval.judge import KeywordJudge
 
     sets = EvalSets.for_checkpoint(organism)
     prompts = sets.harmful[:12] + sets.benign[:6] + [t.prompt for t in sets.general[:12]]
-    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
-    script = Path(__file__).parent / "scripts" / "vllm_chat.py"
-    run = subprocess.run([sys.executable, str(script), str(organism), str(tmp_path / "prompts.json")],
-                         capture_output=True, text=True, timeout=600)
-    lines = [line for line in run.stdout.splitlines() if line.startswith("VLLM_OUTPUTS ")]
-    assert run.returncode == 0 and lines, run.stderr[-3000:]
-    vllm_answers = [a.strip() for a in json.loads(lines[0].removeprefix("VLLM_OUTPUTS "))]
-    model, tokenizer = load_checkpoint(organism, dtype=torch.float32)
-    hf_answers = HFChatGenerator(model, tokenizer).generate(prompts, max_new_tokens=24)
+    vllm_answers, hf_answers = vllm_and_hf_answers(organism, prompts)
     judge = KeywordJudge()
     assert judge.judge(prompts, vllm_answers) == judge.judge(prompts, hf_answers)
     same = sum(a == b for a, b in zip(vllm_answers, hf_answers))
