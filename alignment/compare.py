@@ -52,7 +52,7 @@ def compare(config: AlignmentConfig, output: Path, methods=METHODS, mask_augment
         params = report["parameters"]
         extra[method] = {
             "trainable params": f"{params['trainable']:,} ({100 * params['fraction']:.1f}%)",
-            "train s": report["timings_seconds"]["train"],
+            "train s": (report["training"]["final"] or {}).get("seconds"),
         }
     table = results_table(rows, extra)
     notes = [

@@ -305,13 +305,20 @@ class SafetyRouting:
 
     def update(self, logits: Sequence[torch.Tensor], spec: RouterSpec, harmful: torch.Tensor,
                valid: torch.Tensor) -> None:
-        for layer, current in enumerate(logits):
-            _, indices = route(current.detach(), spec)
-            hits = torch.zeros(current.shape, dtype=torch.float32).scatter_(1, indices.cpu(), 1.0)
-            for rows, running in ((harmful & valid, self.harmful), (~harmful & valid, self.other)):
-                if rows.any():
-                    frequency = hits[rows.cpu()].mean(dim=0).numpy()
-                    running[layer] = self.decay * running[layer] + (1 - self.decay) * frequency
+        """Fold in one step's routing; with several data-parallel workers, all see the same sum."""
+        kinds = torch.stack([harmful & valid, ~harmful & valid]).float()  # [2, N]
+        selected = [route(current.detach(), spec)[1] for current in logits]
+        hits = torch.stack([
+            kinds @ torch.zeros(current.shape, device=current.device).scatter_(1, chosen, 1.0)
+            for current, chosen in zip(logits, selected)
+        ])  # [L, 2, E]: hit counts per kind
+        counts = torch.cat([hits.flatten(), kinds.sum(dim=1)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        hits, tokens = counts[:-2].view(hits.shape).cpu().numpy(), counts[-2:].cpu().numpy()
+        for kind, running in enumerate((self.harmful, self.other)):
+            if tokens[kind] > 0:
+                running[:] = self.decay * running + (1 - self.decay) * hits[:, kind] / tokens[kind]
 
     def top(self, n: int) -> list[tuple[int, int]]:
         """The n most safety-critical pairs, leaving at least top_k routable experts per layer."""
@@ -433,6 +440,8 @@ def train_worker(job: dict) -> None:
             routing.load_state_dict(state["routing"])
     capture = RouterLogits(moe) if use_router_loss or routing is not None else None
     model.train()
+    # Training-loop seconds, summed over resumed runs (Ray start-up and data loading excluded).
+    elapsed = next((h["seconds"] for h in reversed(history) if "seconds" in h), 0.0)
     started = time.monotonic()
     for step in range(start, training.steps):
         rows = step_batch(step, config.seed, training, len(data.safety), len(data.general))[rank::world]
@@ -451,10 +460,10 @@ def train_worker(job: dict) -> None:
         torch.nn.utils.clip_grad_norm_(list(trainable.params.values()), training.grad_clip)
         optimizer.step()
         scheduler.step()
-        history.append({"step": step + 1, "loss": loss.item(), "sft": sft.item(), "router": router.item(),
-                        "masked": len(masked)})
         done = step + 1
-        metrics = {**history[-1], "seconds": round(time.monotonic() - started, 1)}
+        history.append({"step": done, "loss": loss.item(), "sft": sft.item(), "router": router.item(),
+                        "masked": len(masked), "seconds": round(elapsed + time.monotonic() - started, 1)})
+        metrics = history[-1]
         if done % training.checkpoint_every == 0 or done == training.steps:
             if rank == 0:
                 _log(f"[train] step {done}/{training.steps} loss {metrics['loss']:.4f} "
