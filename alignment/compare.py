@@ -56,8 +56,10 @@ def compare(config: AlignmentConfig, output: Path, methods=METHODS, mask_augment
         }
     table = results_table(rows, extra)
     notes = [
-        f"Model `{checkpoint}`; seed {config.seed}; config: same for every method except "
-        "training.method. Masking re-identifies the safety-critical experts on each model; "
+        f"Model `{checkpoint}`; seed {config.seed}; config: same for every row except "
+        f"training.method, and training.mask_augmentation = {mask_augmentation} on the {AUGMENTED} rows "
+        "(0 elsewhere). 'train s' = seconds of the training loop on the configured workers. "
+        "Masking re-identifies the safety-critical experts on each model; "
         "random masking is the mean over the suite's seeds. 'eff. safety experts' = exp(entropy) "
         "of the positive harmful-minus-benign routing difference over all (layer, expert) pairs.",
     ]
