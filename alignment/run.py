@@ -129,6 +129,7 @@ def train(config: AlignmentConfig, checkpoint: str, experts, selected, out: Path
             "checkpoint": checkpoint,
             "experts": [list(p) for p in experts],
             "selected": [list(p) for p in selected],
+            "checkpoint_root": str((out / "ray_train" / f"train-{training.method}").resolve()),
             "safety_frequency": expert_frequency(safety).tolist(),
             "general_frequency": expert_frequency(general).tolist(),
         },
@@ -138,16 +139,22 @@ def train(config: AlignmentConfig, checkpoint: str, experts, selected, out: Path
             resources_per_worker={"CPU": 1} if not training.use_gpu else None,
         ),
         run_config=RunConfig(
-            name=f"train-{training.method}",
+            name=f"train-{training.method}",  # checkpoint_root above follows this layout
             storage_path=str((out / "ray_train").resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=0),
         ),
     )
     result = trainer.fit()
-    if result.checkpoint is None:
+    if result.checkpoint is not None:
+        return Path(result.checkpoint.path)
+    # Resumed from a checkpoint Ray had not recorded, with no step left to run: use it.
+    from alignment.training import checkpoint_directories
+
+    found = checkpoint_directories(out / "ray_train" / f"train-{training.method}")
+    if not found:
         raise RuntimeError("training finished without a checkpoint")
-    return Path(result.checkpoint.path)
+    return found[0]
 
 
 def evaluate_checkpoint(checkpoint: str, config: AlignmentConfig, out: Path) -> dict:

@@ -383,6 +383,36 @@ def training_loss(model: nn.Module, trainable: Trainable, capture: RouterLogits 
     return sft + training.gamma * router, sft, router, logits
 
 
+def _load_checkpoint(directory: Path, trainable: Trainable, device) -> dict:
+    state = torch.load(directory / STATE_FILE, map_location=device, weights_only=False)
+    trainable.load_state(torch.load(directory / TRAINABLE_FILE, map_location=device))
+    return state
+
+
+def checkpoint_directories(root: Path) -> list[Path]:
+    """Checkpoint directories under `root` whose state file loads, newest step first."""
+    candidates = []
+    for directory in Path(root).glob("checkpoint_*"):
+        try:
+            step = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)["step"]
+        except Exception:  # incomplete (killed mid-write): skip
+            continue
+        candidates.append((step, str(directory)))
+    return [Path(d) for _, d in sorted(candidates, reverse=True)]
+
+
+def _latest_checkpoint(root: Path, trainable: Trainable, device) -> dict | None:
+    """The newest complete checkpoint under `root`. Ray Train restores from its own record of
+    reported checkpoints; a job killed after a checkpoint was written but before that record
+    was saved would otherwise start over."""
+    for directory in checkpoint_directories(root):
+        try:
+            return _load_checkpoint(directory, trainable, device)
+        except Exception:
+            continue
+    return None
+
+
 def train_worker(job: dict) -> None:
     """Ray Train's per-worker loop. `job`: config (dict), checkpoint, experts (the trained
     (layer, expert) pairs), selected (the router target's experts, mesa)."""
@@ -422,8 +452,10 @@ def train_worker(job: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            trainable.load_state(torch.load(Path(directory) / TRAINABLE_FILE, map_location=device))
-            state = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=False)
+            state = _load_checkpoint(Path(directory), trainable, device)
+    elif job.get("checkpoint_root"):
+        state = _latest_checkpoint(Path(job["checkpoint_root"]), trainable, device)
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, history = state["step"], state["history"]
