@@ -43,7 +43,7 @@ from alignment.data import Example, load_alignment_data
 from alignment.sft import collate, encode_chat, weighted_lm_loss
 from moe_routing.architectures import MoEModel, RouterSpec, describe, route, router_probs
 from moe_routing.files import atomic_directory
-from moe_routing.instrument import mask_experts
+from moe_routing.instrument import group_pairs, mask_experts
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TRAINABLE_FILE = "trainable.pt"
@@ -128,14 +128,6 @@ class Trainable:
         self.deltas = []
 
 
-def _expert_rows(moe: MoEModel, experts: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
-    by_layer: dict[int, list[int]] = {}
-    for layer, expert in experts:
-        moe.check_expert(layer, expert)
-        by_layer.setdefault(int(layer), []).append(int(expert))
-    return {layer: sorted(set(rows)) for layer, rows in by_layer.items()}
-
-
 def make_trainable(
     model: nn.Module, method: str, experts: Sequence[tuple[int, int]] = (), *, lora_rank: int = 8
 ) -> tuple[nn.Module, Trainable]:
@@ -148,7 +140,8 @@ def make_trainable(
     if method in ("mesa", "safex") and not experts:
         raise ValueError(f"method {method!r} needs at least one (layer, expert) to train")
     moe = describe(model)
-    rows_by_layer = _expert_rows(moe, experts) if method in ("mesa", "safex") else {}
+    rows_by_layer = {layer: sorted(rows) for layer, rows in group_pairs(moe, experts).items()}
+    rows_by_layer = rows_by_layer if method in ("mesa", "safex") else {}
     if method == "sft_all":
         return model, Trainable(dict(model.named_parameters()))  # (loaded models require grad)
     for param in model.parameters():

@@ -294,7 +294,7 @@ def _registered(model: nn.Module, moe: MoEModel, kind: str, item) -> Iterator[_C
             del _CONTROLLERS[model]
 
 
-def _group_pairs(moe: MoEModel, pairs: Iterable[tuple[int, int]]) -> dict[int, list[int]]:
+def group_pairs(moe: MoEModel, pairs: Iterable[tuple[int, int]]) -> dict[int, list[int]]:
     by_layer: dict[int, list[int]] = {}
     for pair in pairs:
         try:
@@ -330,7 +330,7 @@ def mask_experts(
     if not (math.isfinite(bias) and bias < 0):
         raise ValueError(f"mask bias must be a finite negative number, got {bias!r}")
     moe = describe(model)
-    by_layer = _group_pairs(moe, pairs)
+    by_layer = group_pairs(moe, pairs)
     for layer, experts in by_layer.items():
         if len(experts) > moe.num_experts - moe.top_k:
             raise ValueError(
@@ -361,7 +361,7 @@ def scale_routing(
         layer_set = {int(layer) for layer in layers}
         for layer in layer_set:
             moe.check_expert(layer, 0)
-    by_layer = _group_pairs(moe, experts) if experts is not None else None
+    by_layer = group_pairs(moe, experts) if experts is not None else None
     with _registered(model, moe, "modifiers", _RoutingScale(float(factor), layer_set, by_layer)):
         yield
 
@@ -383,10 +383,10 @@ def force_experts(model: nn.Module, forced: Mapping[int, Iterable[int] | torch.T
                 if row is None or not 1 <= len(set(row)) == len(row) <= moe.top_k:
                     raise ValueError(f"MoE layer {layer}: a per-sequence tensor must be [batch, n] with "
                                      f"1 <= n <= top_k={moe.top_k} distinct experts per row")
-                _group_pairs(moe, ((layer, e) for e in row))
+                group_pairs(moe, ((layer, e) for e in row))
             by_layer[int(layer)] = rows
             continue
-        chosen = _group_pairs(moe, ((layer, e) for e in experts)).get(int(layer), [])
+        chosen = group_pairs(moe, ((layer, e) for e in experts)).get(int(layer), [])
         if not 1 <= len(chosen) <= moe.top_k:
             raise ValueError(
                 f"MoE layer {layer}: can force 1..top_k={moe.top_k} distinct experts, got {len(chosen)}"
