@@ -184,6 +184,11 @@ def check_supported(config) -> str:
     return model_type
 
 
+def router_spec_from_config(config) -> RouterSpec:
+    """The routing rule of a Hugging Face config (also used inside vLLM, which has no HF modules)."""
+    return _ARCHITECTURES[check_supported(config)][0](config)
+
+
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
@@ -198,8 +203,8 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 def describe(model: nn.Module) -> MoEModel:
     """The MoE view of a transformers model (``*ForCausalLM`` or its base model)."""
     model_type = check_supported(getattr(model, "config", None))
-    spec_from_config, shared_names = _ARCHITECTURES[model_type]
-    spec = spec_from_config(model.config)
+    spec = router_spec_from_config(model.config)
+    shared_names = _ARCHITECTURES[model_type][1]
     layers, dense = [], []
     for decoder_index, decoder_layer in enumerate(_decoder_layers(model)):
         block = getattr(decoder_layer, "mlp", None)

@@ -1,0 +1,94 @@
+"""`mesa-serve deploy/serve.yaml`: validate a Serve config, deploy it on Ray Serve, block.
+
+The config is Ray Serve's own format (the same file works with `serve run`/`serve deploy`);
+every application whose import path is the gateway has its `args` checked first, so a bad key,
+a missing checkpoint or missing API keys end with a one-line error and exit code 2, not a
+traceback from inside a replica.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+GATEWAY_IMPORT_PATH = "serving.app:build_app"
+
+
+def _fail(message: str) -> None:
+    print(f"mesa-serve: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load_serve_config(path: Path) -> dict:
+    if not path.is_file():
+        _fail(f"serve config not found: {path}")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        _fail(f"{path}: not valid YAML: {error}")
+    if not isinstance(config, dict) or not isinstance(config.get("applications"), list):
+        _fail(f"{path}: expected a Ray Serve config with an `applications` list")
+    return config
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mesa-serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", type=Path, help="Ray Serve config YAML (e.g. deploy/serve.yaml)")
+    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    args = parser.parse_args(argv)
+    config = load_serve_config(args.config)
+
+    from serving.app import gateway_application, gateway_settings
+    from serving.config import AuthError
+
+    built = []
+    for application in config["applications"]:
+        name = application.get("name", "default")
+        if application.get("import_path") != GATEWAY_IMPORT_PATH:
+            _fail(f"application {name!r}: import_path must be {GATEWAY_IMPORT_PATH}")
+        try:
+            settings = gateway_settings(application.get("args") or {},
+                                        log=lambda m: print(m, flush=True))
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}"
+                                 for e in error.errors())
+            _fail(f"application {name!r}: {problems}")
+        except (AuthError, ValueError, OSError) as error:
+            _fail(f"application {name!r}: {error}")
+        built.append((application, settings))
+        print(f"[serve] {name}: {settings.served_model_name} <- {settings.checkpoint}", flush=True)
+    if args.check:
+        return
+
+    import ray
+    from ray import serve
+
+    http = config.get("http_options") or {}
+    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True)
+    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000)})
+    for application, settings in built:
+        name = application.get("name", "default")
+        route = application.get("route_prefix", "/")
+        print(f"[serve] starting {name} at {route} (engine start takes ~40 s on CPU)", flush=True)
+        try:
+            serve.run(gateway_application(settings), name=name, route_prefix=route, blocking=False)
+        except RuntimeError as error:  # the replica failed to start; Serve logged its traceback
+            serve.shutdown()
+            _fail(f"application {name!r} failed to start: {str(error).strip().splitlines()[-1]}")
+    print(f"[serve] ready on http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)} "
+          "(Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()

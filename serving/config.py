@@ -1,0 +1,154 @@
+"""The gateway's configuration: one pydantic model, the `args` of `deploy/serve*.yaml`.
+
+Unknown keys and bad values fail at deploy time with a message naming the key (DESIGN.md
+section 6). Engine options are vLLM's own `vllm serve` options (underscored names) and are checked
+against vLLM's argument parser, so the gateway runs the engine exactly as `vllm serve` would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# What the CPU organism needs on this machine (DESIGN.md section 3); real-model configs override.
+DEFAULT_ENGINE = {
+    "enforce_eager": True,  # Python-side routing hooks run only in eager mode
+    "gpu_memory_utilization": 0.3,  # on CPU: the share of memory reserved for the KV cache
+    "max_model_len": 1024,
+    "seed": 0,
+}
+
+
+class TelemetryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    poll_interval_s: float = Field(1.0, gt=0, le=60)  # how often counts are pulled from the engine
+    window_s: float = Field(60.0, gt=0)  # sliding window of the concentration gauges
+    # Concentration's top_share is the share of the load on this many most-loaded experts per
+    # layer (default: the model's top-k).
+    top_n: int | None = Field(None, ge=1)
+    # Per (layer, expert) counters: L x E x 2 series per model; turn off for very large models.
+    per_expert_metrics: bool = True
+    # The model's known safety-critical experts, as [layer, expert] pairs. When unset they are
+    # read from `safety_report` (an evaluation report's `safety_critical` or an alignment report's
+    # `trained_experts`), or from `alignment.json` in an aligned checkpoint.
+    safety_experts: list[tuple[int, int]] | None = None
+    safety_report: str | None = None
+    safety_top_n: int = Field(6, ge=1)  # how many of an evaluation report's ranking count
+
+
+class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # "organism" (built and cached on first use), a checkpoint directory, or a hub id.
+    model: str = "organism"
+    served_model_name: str | None = None  # the name clients use (default: "organism" / the path)
+    # Environment variables holding comma-separated user keys and the admin key. Keys may also be
+    # given inline (`api_keys`, `admin_key`), which is for tests: config files end up in logs.
+    api_keys_env: str = "MESA_API_KEYS"
+    admin_key_env: str = "MESA_ADMIN_KEY"
+    api_keys: list[str] | None = None
+    admin_key: str | None = None
+    # Serving without any user key is refused unless this is set (local experiments only).
+    allow_unauthenticated: bool = False
+    engine: dict = Field(default_factory=dict)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_keys_exist(cls, engine: dict) -> dict:
+        known = vllm_option_names()
+        unknown = sorted(k for k in engine if k not in known)
+        if unknown:
+            raise ValueError(
+                f"unknown vLLM engine option(s) {unknown}; use `vllm serve` option names with "
+                "underscores (e.g. max_model_len, gpu_memory_utilization, tensor_parallel_size)"
+            )
+        if "model" in engine or "served_model_name" in engine:
+            raise ValueError("set model and served_model_name at the top level, not under engine")
+        return engine
+
+    def engine_options(self) -> dict:
+        return DEFAULT_ENGINE | self.engine
+
+
+def vllm_option_names() -> set[str]:
+    """Every option `vllm serve` accepts, as argparse dest names."""
+    return {action.dest for action in vllm_parser()._actions}
+
+
+def vllm_parser():
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+def key_digest(key: str) -> str:
+    """Keys are compared by SHA-256 digest, so replicas never hold the keys themselves."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class AuthError(ValueError):
+    """No usable credentials were configured."""
+
+
+def resolve_keys(config: GatewayConfig, environ=os.environ) -> tuple[frozenset[str], str | None]:
+    """(user key digests, admin key digest) from the config and the environment."""
+    users = list(config.api_keys or [])
+    users += [k.strip() for k in environ.get(config.api_keys_env, "").split(",") if k.strip()]
+    admin = config.admin_key or environ.get(config.admin_key_env, "").strip() or None
+    if not users and not config.allow_unauthenticated:
+        raise AuthError(
+            f"no API keys configured: set {config.api_keys_env} (comma-separated keys) or "
+            "`api_keys`, or set allow_unauthenticated: true for a local experiment"
+        )
+    if admin is not None and admin in users:
+        raise AuthError("the admin key must differ from every user key")
+    for key in users + ([admin] if admin else []):
+        if len(key) < 8:
+            raise AuthError("API keys must be at least 8 characters long")
+    return frozenset(key_digest(k) for k in users), (key_digest(admin) if admin else None)
+
+
+def resolve_model(config: GatewayConfig, log=print) -> tuple[str, str]:
+    """(checkpoint path or hub id, served model name)."""
+    if config.model == "organism":
+        from organism.build import ensure_organism
+
+        return str(ensure_organism(log=log)), config.served_model_name or "organism"
+    path = Path(config.model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
+        return str(path.resolve()), config.served_model_name or path.name
+    if config.model.startswith((".", "/", "~")):
+        raise ValueError(f"model directory not found: {config.model}")
+    return config.model, config.served_model_name or config.model  # hub id
+
+
+def resolve_safety_experts(config: TelemetryConfig, checkpoint: str) -> tuple[list[tuple[int, int]], str]:
+    """The safety-critical (layer, expert) pairs and where they came from ("" when unknown)."""
+    if config.safety_experts is not None:
+        return [tuple(p) for p in config.safety_experts], "config"
+    sources = [Path(config.safety_report)] if config.safety_report else []
+    sources.append(Path(checkpoint) / "alignment.json")
+    for path in sources:
+        if not path.is_file():
+            if path == sources[0] and config.safety_report:
+                raise ValueError(f"telemetry.safety_report not found: {path}")
+            continue
+        report = json.loads(path.read_text())
+        if "trained_experts" in report:  # alignment report / alignment.json
+            return [tuple(p) for p in report["trained_experts"]], str(path)
+        if "safety_critical" in report:  # evaluation report (safety_eval.suite)
+            ranked = report["safety_critical"][: config.safety_top_n]
+            return [(int(s["layer"]), int(s["expert"])) for s in ranked], str(path)
+        raise ValueError(f"{path} has neither `trained_experts` nor `safety_critical`")
+    return [], ""

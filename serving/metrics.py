@@ -1,0 +1,67 @@
+"""Every Prometheus metric the gateway exports, defined once (names follow Prometheus conventions:
+base units, `_total` counters). They live in prometheus_client's default registry next to vLLM's
+own `vllm:*` engine metrics, and `/metrics` serves that registry.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class GatewayMetrics:
+    def __init__(self, registry=REGISTRY):
+        r = registry
+        self.requests = Counter(
+            "mesa_gateway_requests", "HTTP requests answered, by endpoint and status code",
+            ["model", "endpoint", "code"], registry=r)
+        self.request_duration = Histogram(
+            "mesa_gateway_request_duration_seconds", "Time from request to the last byte of the answer",
+            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram(
+            "mesa_gateway_time_to_first_token_seconds", "Streaming requests: time to the first chunk",
+            ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter(
+            "mesa_gateway_tokens", "Tokens in answered requests (prompt / completion, from usage)",
+            ["model", "kind"], registry=r)
+        self.in_flight = Gauge(
+            "mesa_gateway_requests_in_flight", "Requests being answered", ["model"], registry=r)
+        self.expert_tokens = Counter(
+            "mesa_routing_expert_tokens", "Tokens routed to each (MoE layer, expert); phase is "
+            "prompt or generated", ["model", "layer", "expert", "phase"], registry=r)
+        self.routed_tokens = Counter(
+            "mesa_routing_tokens", "Tokens that went through the MoE layers", ["model", "phase"], registry=r)
+        self.top_share = Gauge(
+            "mesa_routing_top_share", "Sliding window: share of a layer's routed load on its top_n "
+            "most-loaded experts", ["model", "layer"], registry=r)
+        self.normalized_entropy = Gauge(
+            "mesa_routing_normalized_entropy", "Sliding window: entropy of a layer's expert load over "
+            "log(num_experts); 1 = uniform", ["model", "layer"], registry=r)
+        self.gini = Gauge(
+            "mesa_routing_gini", "Sliding window: Gini coefficient of a layer's expert load",
+            ["model", "layer"], registry=r)
+        self.effective_experts = Gauge(
+            "mesa_routing_effective_experts", "Sliding window: exp(entropy) of a layer's expert load",
+            ["model", "layer"], registry=r)
+        self.safety_expert_share = Gauge(
+            "mesa_routing_safety_expert_share", "Sliding window: share of routed (token, expert) "
+            "selections that reach the model's known safety-critical experts", ["model"], registry=r)
+        self.window_tokens = Gauge(
+            "mesa_routing_window_tokens", "Tokens in the concentration sliding window", ["model"], registry=r)
+        self.telemetry_errors = Counter(
+            "mesa_routing_telemetry_errors", "Failed pulls of routing counts from the engine",
+            ["model"], registry=r)
+
+
+@cache
+def gateway_metrics() -> GatewayMetrics:
+    """The process's metrics (a replica may host several models: every metric has a model label)."""
+    return GatewayMetrics()
+
+
+def exposition() -> tuple[bytes, str]:
+    """The process's registry in Prometheus text format: ours and vLLM's metrics."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
