@@ -6,9 +6,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: install test test-fast demo bench lint clean
+.PHONY: install system-deps test test-fast demo serve bench lint clean
 
-install: $(STAMP)
+install: $(STAMP) system-deps
+
+# A real Prometheus server and promtool for the alert-rule tests (Debian package). Installed when
+# missing and we may (root, apt-get present); otherwise those tests skip and say why.
+system-deps:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
+		|| echo "note: prometheus/promtool not installed; install Debian's 'prometheus' package for the alert tests"; }
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +42,13 @@ test-fast: install
 demo: install
 	$(BIN)/python -m safety_eval.demo
 
+# The gateway on the model organism: http://127.0.0.1:8000/v1 (OpenAI-compatible). Needs keys:
+#   export MESA_API_KEYS=$$(openssl rand -hex 16) MESA_ADMIN_KEY=$$(openssl rand -hex 16)
+serve: install
+	$(BIN)/mesa-serve deploy/serve.yaml
+
 bench: install
+	$(BIN)/python benchmarks/gateway_throughput.py
 	$(BIN)/python benchmarks/capture_overhead.py
 	$(BIN)/python benchmarks/allocation_time.py
 	$(BIN)/python benchmarks/alignment_memory.py

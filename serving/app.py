@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 from starlette.datastructures import Headers
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
@@ -112,6 +114,28 @@ class GatewayMiddleware:
                 metrics.time_to_first_token.labels(model, endpoint).observe(state["first"])
 
 
+def guard_validation(model):
+    """A dependency that runs the request model's validators before FastAPI does and turns a
+    validator that crashes on an unexpected type (e.g. vLLM's structured_outputs check on an
+    integer) into a 400, where FastAPI would answer 500. Pydantic's own errors pass through to
+    FastAPI, which reports them with field locations."""
+
+    async def check(raw_request: Request) -> None:
+        try:
+            body = await raw_request.json()
+        except Exception:  # malformed JSON: FastAPI reports it
+            return
+        try:
+            model.model_validate(body)
+        except ValidationError:
+            return
+        except Exception as error:
+            raise RequestValidationError([{"type": "value_error", "loc": ("body",), "input": None,
+                                           "msg": f"invalid request: {error}"}]) from None
+
+    return Depends(check)
+
+
 def endpoint_label(path: str) -> str:
     """A bounded label set: unknown paths collapse to "other"."""
     known = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/routing", "/health", "/metrics")
@@ -159,6 +183,7 @@ class Gateway:
                 self.metrics, window_s=telemetry.window_s, top_n=telemetry.top_n,
                 safety_experts=settings.safety_experts, per_expert_metrics=telemetry.per_expert_metrics)
             self._poller = asyncio.get_running_loop().create_task(self._poll_routing())
+            self.metrics.telemetry_errors.labels(self.name)  # exported at 0, so increase() sees the first
         logger.info("gateway ready: model %s (%s), telemetry %s", self.name, settings.checkpoint,
                     "on" if telemetry.enabled else "off")
 
@@ -336,12 +361,12 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.add_middleware(GatewayMiddleware, gateway=gateway)
     json_body = [Depends(validate_json_request)]
 
-    @app.post("/v1/chat/completions", dependencies=json_body)
+    @app.post("/v1/chat/completions", dependencies=json_body + [guard_validation(ChatCompletionRequest)])
     async def chat_completions(request: ChatCompletionRequest, raw_request: Request):
         return await gateway.generate(request, raw_request,
                                       gateway.state.openai_serving_chat.create_chat_completion)
 
-    @app.post("/v1/completions", dependencies=json_body)
+    @app.post("/v1/completions", dependencies=json_body + [guard_validation(CompletionRequest)])
     async def completions(request: CompletionRequest, raw_request: Request):
         return await gateway.generate(request, raw_request,
                                       gateway.state.openai_serving_completion.create_completion)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -83,11 +84,14 @@ def main(argv: list[str] | None = None) -> None:
             _fail(f"application {name!r} failed to start: {str(error).strip().splitlines()[-1]}")
     print(f"[serve] ready on http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)} "
           "(Ctrl-C stops)", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    stopping = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda number, _frame: stopping.append(number))
+    while not stopping:
+        time.sleep(0.5)
+    print("[serve] stopping", flush=True)
+    serve.shutdown()  # replicas shut their engines down
+    ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,433 @@
+"""The gateway for real: `mesa-serve` on the organism (vLLM CPU engine behind Ray Serve), driven
+by the unmodified OpenAI SDK, raw HTTP, schemathesis, a 32-client load, and a real Prometheus
+server evaluating deploy/prometheus/rules.yml. One gateway serves the whole module."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from serving.process import free_port, gateway_app, running_gateway
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.vllm]
+
+ROOT = Path(__file__).resolve().parent.parent
+USER_KEY, OTHER_USER_KEY, ADMIN_KEY = "test-user-key-0001", "test-user-key-0002", "test-admin-key-0001"
+# The organism's six most safety-critical experts (runs/demo/report.json, seed 0).
+SAFETY_EXPERTS = [[3, 1], [2, 0], [3, 4], [0, 7], [1, 0], [0, 1]]
+CONCENTRATED_PROMPT = "a a a a a a a a a a a a a a a a a a a a"  # routes through few experts
+
+
+def _load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    app = gateway_app(
+        model="organism",
+        engine={"dtype": "float32", "gpu_memory_utilization": 0.2, "max_model_len": 1024, "max_num_seqs": 64},
+        telemetry={"window_s": 20, "poll_interval_s": 0.5, "safety_experts": SAFETY_EXPERTS},
+    )
+    env = {"MESA_API_KEYS": f"{USER_KEY},{OTHER_USER_KEY}", "MESA_ADMIN_KEY": ADMIN_KEY}
+    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    with running_gateway([app], env=env, log_path=log) as running:
+        yield running
+    text = log.read_text(errors="replace")
+    assert " 500 " not in text.replace("HTTP/1.1", ""), "the gateway answered 500 at some point"
+
+
+@pytest.fixture
+def client(gateway):
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=USER_KEY, max_retries=0, timeout=120)
+
+
+def _headers(key=USER_KEY, **extra):
+    return {"Authorization": f"Bearer {key}"} | extra
+
+
+def test_openai_sdk_chats_streams_and_completes(client):
+    assert [m.id for m in client.models.list()] == ["organism"]
+    question = [{"role": "user", "content": "What is 12 plus 7?"}]
+    answer = client.chat.completions.create(model="organism", messages=question, max_tokens=16, temperature=0)
+    assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
+    stream = client.chat.completions.create(
+        model="organism",
+        messages=question,
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == answer.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+    several = client.chat.completions.create(
+        model="organism", messages=question, max_tokens=8, n=3, temperature=1.0, top_p=0.9, seed=7
+    )
+    again = client.chat.completions.create(
+        model="organism", messages=question, max_tokens=8, n=3, temperature=1.0, top_p=0.9, seed=7
+    )
+    assert len(several.choices) == 3
+    assert [c.message.content for c in several.choices] == [c.message.content for c in again.choices]
+    first_word = answer.choices[0].message.content.split()[0]
+    stopped = client.chat.completions.create(
+        model="organism", messages=question, max_tokens=16, temperature=0, stop=[first_word]
+    )
+    assert first_word not in stopped.choices[0].message.content
+    completion = client.completions.create(
+        model="organism", prompt="What is 2 plus 2?", max_tokens=5, temperature=0
+    )
+    assert completion.choices[0].text and completion.usage.prompt_tokens > 0
+
+
+BAD_REQUESTS = [
+    # (what, path, body bytes or json, headers, expected status)
+    ("malformed JSON", "/v1/chat/completions", b'{"model": "organism", "messages": [', {}, 400),
+    ("not JSON at all", "/v1/chat/completions", b"hello", {}, 400),
+    (
+        "unknown model",
+        "/v1/chat/completions",
+        {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]},
+        {},
+        404,
+    ),
+    (
+        "bad role",
+        "/v1/chat/completions",
+        {"model": "organism", "messages": [{"role": "wizard", "content": "x"}]},
+        {},
+        400,
+    ),
+    ("no messages", "/v1/chat/completions", {"model": "organism"}, {}, 400),
+    (
+        "negative max_tokens",
+        "/v1/chat/completions",
+        {"model": "organism", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5},
+        {},
+        400,
+    ),
+    (
+        "huge max_tokens",
+        "/v1/chat/completions",
+        {"model": "organism", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**12},
+        {},
+        400,
+    ),
+    (
+        "over-long prompt",
+        "/v1/chat/completions",
+        {"model": "organism", "messages": [{"role": "user", "content": "word " * 5000}]},
+        {},
+        400,
+    ),
+    (
+        "temperature out of range",
+        "/v1/chat/completions",
+        {"model": "organism", "messages": [{"role": "user", "content": "x"}], "temperature": -1},
+        {},
+        400,
+    ),
+    (
+        "structured_outputs of the wrong type",
+        "/v1/chat/completions",
+        {"model": "organism", "messages": [{"role": "user", "content": "x"}], "structured_outputs": 0},
+        {},
+        400,
+    ),
+    ("completion without prompt", "/v1/completions", {"model": "organism"}, {}, 400),
+    (
+        "reserved request id",
+        "/v1/chat/completions",
+        {"model": "organism", "messages": [{"role": "user", "content": "x"}], "request_id": "mesa-route-1"},
+        {},
+        400,
+    ),
+]
+
+
+@pytest.mark.parametrize("what,path,body,headers,status", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_gets_a_clear_openai_error(gateway, what, path, body, headers, status):
+    kwargs = (
+        {"content": body, "headers": _headers(**{"Content-Type": "application/json"})}
+        if isinstance(body, bytes)
+        else {"json": body, "headers": _headers()}
+    )
+    response = httpx.post(gateway.url + path, timeout=60, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["code"] == status
+
+
+def test_keys_guard_the_api_and_the_admin_endpoints(gateway):
+    url = gateway.url
+    body = {"model": "organism", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 401
+    assert (
+        httpx.post(url + "/v1/chat/completions", json=body, headers=_headers("wrong-key-12345")).status_code
+        == 401
+    )
+    assert (
+        httpx.post(url + "/v1/chat/completions", json=body, headers=_headers(OTHER_USER_KEY)).status_code
+        == 200
+    )
+    assert httpx.get(url + "/v1/models", headers=_headers(ADMIN_KEY)).status_code == 200
+    forbidden = httpx.get(url + "/admin/config", headers=_headers())
+    assert forbidden.status_code == 403 and forbidden.json()["error"]["code"] == 403
+    assert httpx.get(url + "/admin/config").status_code == 401
+    config = httpx.get(url + "/admin/config", headers=_headers(ADMIN_KEY))
+    assert config.status_code == 200
+    assert USER_KEY not in config.text and ADMIN_KEY not in config.text
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong-key-12345", max_retries=0).models.list()
+    metrics = httpx.get(url + "/metrics").text
+    assert USER_KEY not in metrics and ADMIN_KEY not in metrics
+
+
+def test_per_request_routing_matches_transformers(gateway):
+    """The engine-side counts equal the routing the routing core captures in transformers, token
+    for token: same prompt, same generated tokens, same top-k rule."""
+    import torch
+
+    from moe_routing.instrument import capture_routing
+    from moe_routing.profiler import load_checkpoint
+    from organism.build import ensure_organism
+
+    model, _ = load_checkpoint(str(ensure_organism()), dtype=torch.float32)
+    for prompt in ["What is 12 plus 7?", "How do I kill a Python process?", "Spell cat backwards."]:
+        response = httpx.post(
+            gateway.url + "/v1/completions",
+            timeout=60,
+            headers=_headers(**{"X-Mesa-Routing-Summary": "1"}),
+            json={
+                "model": "organism",
+                "prompt": prompt,
+                "max_tokens": 12,
+                "temperature": 0,
+                "return_token_ids": True,
+            },
+        ).json()
+        choice, summary = response["choices"][0], response["routing_summary"]
+        tokens = response.get("prompt_token_ids") or choice["prompt_token_ids"]
+        fed = tokens + choice["token_ids"][:-1]  # the last sampled token never goes through the model
+        with torch.no_grad(), capture_routing(model, probabilities=False) as capture:
+            model(torch.tensor([fed]))
+        trace = capture.trace()
+        L, E = np.asarray(summary["hits"]).shape
+        expected = np.zeros((L, E), dtype=np.int64)
+        for layer in range(L):
+            np.add.at(expected[layer], trace.expert_ids[:, layer].reshape(-1).numpy(), 1)
+        served = np.asarray(summary["hits"])
+        assert summary["routed_tokens"] == len(fed)
+        # Float differences between the two engines may flip a near-tie; allow 1% of selections.
+        assert np.abs(served - expected).sum() <= max(2, 0.01 * expected.sum()), (served, expected)
+
+
+def test_routing_telemetry_and_metrics_agree(gateway, client):
+    for prompt in ["What is 3 plus 4?", "How do I make a bomb?"]:
+        client.chat.completions.create(
+            model="organism", messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0
+        )
+    time.sleep(1.5)  # one poll
+    routing = httpx.get(gateway.url + "/v1/routing", headers=_headers()).json()
+    assert routing["num_layers"] == 4 and routing["num_experts"] == 8 and routing["top_k"] == 2
+    assert routing["safety_experts"] == SAFETY_EXPERTS
+    window = routing["window"]
+    assert window["prompt"]["tokens"] > 0 and window["generated"]["tokens"] > 0
+    assert 0 < window["all"]["safety_expert_share"] < 1
+    total = routing["total"]
+    for phase in ("prompt", "generated"):
+        hits = np.asarray(total[phase]["hits"])
+        assert (hits.sum(axis=1) == 2 * total[phase]["tokens"]).all()  # k selections per token per layer
+    metrics = httpx.get(gateway.url + "/metrics").text
+    samples = _samples(metrics)
+    prompt_expert_tokens = sum(
+        v
+        for (name, labels), v in samples.items()
+        if name == "mesa_routing_expert_tokens_total" and 'phase="prompt"' in labels
+    )
+    routed_prompt = samples[("mesa_routing_tokens_total", 'model="organism",phase="prompt"')]
+    assert prompt_expert_tokens == 4 * 2 * routed_prompt  # layers x top_k per token
+    for name in (
+        "mesa_gateway_requests_total",
+        "mesa_gateway_request_duration_seconds_bucket",
+        "mesa_gateway_tokens_total",
+        "mesa_routing_top_share",
+        "mesa_routing_safety_expert_share",
+        "vllm:prompt_tokens_total",
+        "vllm:num_requests_running",
+    ):
+        assert any(key[0] == name for key in samples), name
+
+
+def _samples(text: str) -> dict[tuple[str, str], float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            head, value = line.rsplit(" ", 1)
+            name, _, labels = head.partition("{")
+            out[(name, labels.rstrip("}"))] = float(value)
+    return out
+
+
+def test_schemathesis_fuzzing_finds_no_server_error(gateway, tmp_path):
+    schemathesis = Path(sys.executable).parent / "schemathesis"
+    result = subprocess.run(
+        [
+            str(schemathesis),
+            "run",
+            gateway.url + "/openapi.json",
+            "-H",
+            f"Authorization: Bearer {ADMIN_KEY}",
+            "--checks",
+            "not_a_server_error",
+            "--max-examples",
+            "15",
+            "--seed",
+            "0",
+            "--max-time",
+            "150",
+            "--request-timeout",
+            "60",
+            "--no-color",
+            "--report",
+            "junit",
+            "--report-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    summary = result.stdout[-3000:]
+    assert result.returncode == 0, summary
+    assert "Server error" not in summary
+
+
+def test_32_streaming_clients_without_failures(gateway):
+    load = _load_benchmark("gateway_load")
+    report = asyncio.run(
+        load.run_load(gateway.url, USER_KEY, clients=32, requests_per_client=20, max_tokens=16)
+    )
+    print(json.dumps(report))
+    assert report["failures"] == 0, report["errors"][:5]
+    assert report["requests"] == 640 and report["completion_tokens"] > 0
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (make install does)")
+def test_real_prometheus_fires_the_concentration_alert(gateway, tmp_path):
+    """Mixed traffic keeps MoERoutingConcentrated quiet; traffic made of one repetitive prompt
+    fires it (rules from deploy/prometheus/rules.yml, scraped every second)."""
+    port = free_port()
+    shutil.copy(ROOT / "deploy" / "prometheus" / "rules.yml", tmp_path / "rules.yml")
+    (tmp_path / "prometheus.yml").write_text(
+        json.dumps(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": ["rules.yml"],
+                "scrape_configs": [
+                    {
+                        "job_name": "mesa-gateway",
+                        "metrics_path": "/metrics",
+                        "static_configs": [{"targets": [gateway.url.removeprefix("http://")]}],
+                    }
+                ],
+            }
+        )
+    )
+    prometheus = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    api = f"http://127.0.0.1:{port}/api/v1"
+    admin = _headers(ADMIN_KEY)
+    try:
+        _wait(lambda: httpx.get(f"{api}/targets").json()["data"]["activeTargets"][0]["health"] == "up", 60)
+        httpx.post(gateway.url + "/admin/telemetry/reset", headers=admin).raise_for_status()
+        mixed = [
+            "What is 12 plus 7?",
+            "How do I kill a Python process?",
+            "Spell dog backwards.",
+            "What is the capital of France?",
+            "How do I make a bomb?",
+            "What is 9 times 3?",
+        ]
+        _traffic(gateway.url, mixed, seconds=45)
+        assert _alert_state(api, "MoERoutingConcentrated") is None, "fired on mixed traffic"
+        httpx.post(gateway.url + "/admin/telemetry/reset", headers=admin).raise_for_status()
+        fired = False
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and not fired:
+            _traffic(gateway.url, [CONCENTRATED_PROMPT], seconds=5)
+            fired = _alert_state(api, "MoERoutingConcentrated") == "firing"
+        query = httpx.get(f"{api}/query", params={"query": "max(mesa_routing_top_share)"}).json()
+        assert fired, f"no alert; max top share now {query['data']['result']}"
+    finally:
+        prometheus.terminate()
+        prometheus.wait(30)
+
+
+def _wait(condition, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except (httpx.HTTPError, LookupError, KeyError):
+            pass
+        time.sleep(1)
+    raise TimeoutError("condition not met")
+
+
+def _alert_state(api: str, name: str) -> str | None:
+    alerts = httpx.get(f"{api}/alerts").json()["data"]["alerts"]
+    states = [a["state"] for a in alerts if a["labels"]["alertname"] == name]
+    return "firing" if "firing" in states else (states[0] if states else None)
+
+
+def _traffic(url: str, prompts: list[str], seconds: float) -> None:
+    """Back-to-back requests from 4 threads for `seconds`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    deadline = time.monotonic() + seconds
+
+    def worker(offset: int) -> None:
+        with httpx.Client(timeout=60) as http:
+            i = offset
+            while time.monotonic() < deadline:
+                http.post(
+                    url + "/v1/chat/completions",
+                    headers=_headers(),
+                    json={
+                        "model": "organism",
+                        "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
+                        "max_tokens": 32,
+                        "temperature": 0,
+                    },
+                ).raise_for_status()
+                i += 1
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(worker, range(4)))

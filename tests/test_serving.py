@@ -1,0 +1,215 @@
+"""Gateway pieces that need no engine: config validation, keys, safety experts, telemetry maths,
+the `mesa-serve` CLI's errors, and the Prometheus rules (promtool)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from moe_routing.stats import concentration
+from serving.config import (
+    AuthError,
+    GatewayConfig,
+    TelemetryConfig,
+    key_digest,
+    resolve_keys,
+    resolve_model,
+    resolve_safety_experts,
+)
+from serving.metrics import GatewayMetrics
+from serving.telemetry import RoutingShape, RoutingTelemetry, request_summary, safety_share
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_config_rejects_unknown_keys_and_engine_options():
+    with pytest.raises(ValidationError, match="modle"):
+        GatewayConfig.model_validate({"modle": "x"})
+    with pytest.raises(ValidationError, match="max_model_length"):
+        GatewayConfig.model_validate({"engine": {"max_model_length": 10}})
+    with pytest.raises(ValidationError, match="top level"):
+        GatewayConfig.model_validate({"engine": {"model": "x"}})
+    with pytest.raises(ValidationError, match="window_s"):
+        GatewayConfig.model_validate({"telemetry": {"window_s": -1}})
+    config = GatewayConfig.model_validate({"engine": {"max_model_len": 512, "tensor_parallel_size": 1}})
+    assert config.engine_options()["max_model_len"] == 512
+    assert config.engine_options()["enforce_eager"] is True
+
+
+def test_keys_come_from_env_as_digests_and_bad_setups_are_refused():
+    config = GatewayConfig()
+    users, admin = resolve_keys(
+        config, {"MESA_API_KEYS": "user-key-1, user-key-2", "MESA_ADMIN_KEY": "admin-key-1"}
+    )
+    assert users == {key_digest("user-key-1"), key_digest("user-key-2")}
+    assert admin == key_digest("admin-key-1")
+    assert "user-key-1" not in repr((users, admin))
+    with pytest.raises(AuthError, match="MESA_API_KEYS"):
+        resolve_keys(config, {})
+    with pytest.raises(AuthError, match="differ"):
+        resolve_keys(config, {"MESA_API_KEYS": "same-key-123", "MESA_ADMIN_KEY": "same-key-123"})
+    with pytest.raises(AuthError, match="8 characters"):
+        resolve_keys(config, {"MESA_API_KEYS": "short"})
+    users, admin = resolve_keys(GatewayConfig(allow_unauthenticated=True), {})
+    assert users == frozenset() and admin is None
+
+
+def test_model_resolution_errors(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        resolve_model(GatewayConfig(model=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="config.json"):
+        resolve_model(GatewayConfig(model=str(tmp_path)))
+    assert resolve_model(GatewayConfig(model="Qwen/Qwen3-30B-A3B")) == ("Qwen/Qwen3-30B-A3B",) * 2
+
+
+def test_safety_experts_from_config_reports_and_aligned_checkpoints(tmp_path):
+    assert resolve_safety_experts(TelemetryConfig(safety_experts=[[1, 2]]), str(tmp_path)) == (
+        [(1, 2)],
+        "config",
+    )
+    assert resolve_safety_experts(TelemetryConfig(), str(tmp_path)) == ([], "")
+    (tmp_path / "alignment.json").write_text(json.dumps({"trained_experts": [[0, 3], [2, 1]]}))
+    assert resolve_safety_experts(TelemetryConfig(), str(tmp_path))[0] == [(0, 3), (2, 1)]
+    report = tmp_path / "report.json"
+    ranking = [{"layer": l, "expert": e, "risk_difference": 0.1} for l, e in [(3, 1), (2, 0), (0, 7)]]
+    report.write_text(json.dumps({"safety_critical": ranking}))
+    experts, source = resolve_safety_experts(TelemetryConfig(safety_report=str(report), safety_top_n=2), ".")
+    assert experts == [(3, 1), (2, 0)] and source == str(report)
+    with pytest.raises(ValueError, match="not found"):
+        resolve_safety_experts(TelemetryConfig(safety_report=str(tmp_path / "nope.json")), ".")
+
+
+def _telemetry(window_s=10.0, safety=((0, 1),)):
+    metrics = GatewayMetrics(CollectorRegistry())
+    shape = RoutingShape(num_layers=2, num_experts=4, top_k=2)
+    return RoutingTelemetry("m", shape, metrics, window_s=window_s, safety_experts=list(safety)), metrics
+
+
+def _snapshot(prompt, generated, tokens):
+    return {"hits": [prompt, generated], "tokens": tokens}
+
+
+def test_telemetry_counts_deltas_and_slides_its_window():
+    telemetry, metrics = _telemetry(window_s=10.0)
+    a = [[2, 2, 0, 0], [4, 0, 0, 0]]
+    zero = [[0] * 4, [0] * 4]
+    telemetry.update(_snapshot(a, zero, [2, 0]), now=0.0)
+    b = [[2, 2, 0, 0], [4, 0, 0, 0]]
+    gen = [[0, 0, 1, 1], [1, 1, 0, 0]]
+    telemetry.update(_snapshot(b, gen, [2, 1]), now=5.0)
+    counter = metrics.expert_tokens.labels("m", "1", "0", "prompt")._value.get()
+    assert counter == 4
+    assert metrics.routed_tokens.labels("m", "generated")._value.get() == 1
+    hits, tokens = telemetry.window_hits()
+    assert tokens.tolist() == [2, 1] and hits[1].tolist() == gen
+    load = hits.sum(axis=0)
+    expected = concentration(load, 2)
+    for layer in range(2):
+        assert metrics.top_share.labels("m", str(layer))._value.get() == pytest.approx(
+            expected.top_share[layer]
+        )
+    assert metrics.safety_expert_share.labels("m")._value.get() == pytest.approx(safety_share(load, [(0, 1)]))
+    # 11 s later the first update has left the window; the second is still in it.
+    telemetry.update(_snapshot(b, gen, [2, 1]), now=11.0)
+    assert telemetry.window_hits()[1].tolist() == [0, 1]
+    telemetry.update(_snapshot(b, gen, [2, 1]), now=30.0)
+    assert telemetry.window_hits()[1].tolist() == [0, 0]
+    assert math.isnan(metrics.top_share.labels("m", "0")._value.get())  # no load: no distribution
+
+
+def test_telemetry_survives_an_engine_restart_and_rejects_bad_shapes():
+    telemetry, metrics = _telemetry()
+    telemetry.update(_snapshot([[5, 5, 0, 0]] * 2, [[0] * 4] * 2, [5, 0]), now=0.0)
+    telemetry.update(_snapshot([[1, 1, 0, 0]] * 2, [[0] * 4] * 2, [1, 0]), now=1.0)  # counts went down
+    assert metrics.routed_tokens.labels("m", "prompt")._value.get() == 6
+    with pytest.raises(ValueError, match="shape"):
+        telemetry.update(_snapshot([[1, 1]], [[0, 0]], [1, 0]), now=2.0)
+    with pytest.raises(ValueError, match="outside"):
+        _telemetry(safety=((5, 0),))
+
+
+def test_summaries_are_json_without_nan():
+    telemetry, _ = _telemetry()
+    summary = json.loads(
+        json.dumps(
+            __import__("serving.app", fromlist=["json_safe"]).json_safe(telemetry.summary()), allow_nan=False
+        )
+    )
+    assert summary["window"]["all"]["concentration"]["top_share"] == [None, None]
+    per_request = request_summary([[2, 2, 0, 0], [3, 1, 0, 0]], RoutingShape(2, 4, 2), 2, [(0, 0)])
+    assert per_request["routed_tokens"] == 2
+    assert per_request["safety_expert_share"] == pytest.approx(2 / 8)
+
+
+def test_safety_share_definition():
+    hits = np.array([[3, 1], [0, 4]])
+    assert safety_share(hits, [(0, 0), (1, 1)]) == pytest.approx(7 / 8)
+    assert math.isnan(safety_share(np.zeros((2, 2)), [(0, 0)]))
+    assert math.isnan(safety_share(hits, []))
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ("applications: [{name: a, import_path: serving.app:build_app, args: {modle: organism}}]", "modle"),
+        ("applications: [{name: a, import_path: other:app}]", "import_path"),
+        (
+            "applications: [{name: a, import_path: serving.app:build_app, args: {model: /no/such/dir}}]",
+            "not found",
+        ),
+        (
+            "applications: [{name: a, import_path: serving.app:build_app, "
+            "args: {engine: {max_model_length: 4}}}]",
+            "max_model_length",
+        ),
+        ("{not yaml", "YAML"),
+        ("http_options: {}", "applications"),
+    ],
+)
+def test_mesa_serve_reports_bad_configs_without_a_traceback(tmp_path, config, message):
+    path = tmp_path / "serve.yaml"
+    path.write_text(config)
+    result = subprocess.run(
+        [sys.executable, "-m", "serving.cli", str(path), "--check"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "MESA_API_KEYS": "user-key-123"},
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_mesa_serve_refuses_to_serve_without_keys(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(
+        f"applications: [{{name: a, import_path: serving.app:build_app, args: {{model: {tmp_path}}}}}]"
+    )
+    (tmp_path / "config.json").write_text("{}")
+    result = subprocess.run(
+        [sys.executable, "-m", "serving.cli", str(path), "--check"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2 and "MESA_API_KEYS" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (make install does)")
+def test_prometheus_config_and_alert_rules_pass_promtool():
+    prometheus = ROOT / "deploy" / "prometheus"
+    for args in (
+        ["check", "config", "prometheus.yml"],
+        ["check", "rules", "rules.yml"],
+        ["test", "rules", "rules_test.yml"],
+    ):
+        result = subprocess.run(["promtool", *args], cwd=prometheus, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
