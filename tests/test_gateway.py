@@ -22,6 +22,8 @@ from serving.process import free_port, gateway_app, running_gateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.vllm]
 
+from conftest import require_binary  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 USER_KEY, OTHER_USER_KEY, ADMIN_KEY = "test-user-key-0001", "test-user-key-0002", "test-admin-key-0001"
 # The organism's six most safety-critical experts (runs/demo/report.json, seed 0).
@@ -330,10 +332,10 @@ def test_32_streaming_clients_without_failures(gateway):
     assert report["requests"] == 640 and report["completion_tokens"] > 0
 
 
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed (make install does)")
 def test_real_prometheus_fires_the_concentration_alert(gateway, tmp_path):
     """Mixed traffic keeps MoERoutingConcentrated quiet; traffic made of one repetitive prompt
     fires it (rules from deploy/prometheus/rules.yml, scraped every second)."""
+    prometheus_binary = require_binary("prometheus")
     port = free_port()
     shutil.copy(ROOT / "deploy" / "prometheus" / "rules.yml", tmp_path / "rules.yml")
     (tmp_path / "prometheus.yml").write_text(
@@ -353,7 +355,7 @@ def test_real_prometheus_fires_the_concentration_alert(gateway, tmp_path):
     )
     prometheus = subprocess.Popen(
         [
-            "prometheus",
+            prometheus_binary,
             f"--config.file={tmp_path / 'prometheus.yml'}",
             f"--storage.tsdb.path={tmp_path / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",

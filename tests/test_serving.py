@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_binary  # noqa: E402
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
@@ -157,6 +157,7 @@ def test_safety_share_definition():
     assert math.isnan(safety_share(hits, []))
 
 
+@pytest.mark.slow  # each run imports vLLM (~15 s)
 @pytest.mark.parametrize(
     "config,message",
     [
@@ -188,6 +189,7 @@ def test_mesa_serve_reports_bad_configs_without_a_traceback(tmp_path, config, me
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_mesa_serve_refuses_to_serve_without_keys(tmp_path):
     path = tmp_path / "serve.yaml"
     path.write_text(
@@ -203,13 +205,13 @@ def test_mesa_serve_refuses_to_serve_without_keys(tmp_path):
     assert result.returncode == 2 and "MESA_API_KEYS" in result.stderr
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (make install does)")
 def test_prometheus_config_and_alert_rules_pass_promtool():
+    promtool = require_binary("promtool")
     prometheus = ROOT / "deploy" / "prometheus"
     for args in (
         ["check", "config", "prometheus.yml"],
         ["check", "rules", "rules.yml"],
         ["test", "rules", "rules_test.yml"],
     ):
-        result = subprocess.run(["promtool", *args], cwd=prometheus, capture_output=True, text=True)
+        result = subprocess.run([promtool, *args], cwd=prometheus, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
