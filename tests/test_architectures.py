@@ -12,6 +12,7 @@ from moe_routing.architectures import (
     UnsupportedArchitectureError,
     describe,
     route,
+    selected_experts,
 )
 from moe_routing.profiler import load_checkpoint
 
@@ -49,6 +50,16 @@ def test_route_reproduces_every_router_exactly(model):
         our_weights, our_indices = route(logits, moe.router)
         assert torch.equal(our_indices, indices)
         assert torch.equal(our_weights, weights) and our_weights.dtype == weights.dtype
+
+
+def test_selected_experts_are_the_routers_choice(model):
+    """The gateway's cheap top-k (of logits, unordered) picks the same experts as the router."""
+    moe = describe(model)
+    hidden = torch.randn(256, model.config.hidden_size)
+    for layer in moe.layers:
+        logits, _, indices = layer.router(hidden)
+        cheap = selected_experts(logits, moe.router)
+        assert torch.equal(cheap.sort(dim=-1).values, indices.sort(dim=-1).values)
 
 
 def test_route_matches_hand_computation():
