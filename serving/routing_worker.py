@@ -19,7 +19,10 @@ enables `enforce_eager` when telemetry is on.
 
 from __future__ import annotations
 
+import ctypes
 import re
+import signal
+import sys
 from collections import OrderedDict
 
 import numpy as np
@@ -34,6 +37,15 @@ _ROUTER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.gate$")
 PROMPT, GENERATED, DISCARD = 0, 1, 2
 
 
+def _die_with_parent() -> None:
+    """Seen here: when the Ray replica hosting an engine is killed, the vLLM worker process can
+    outlive it and spin at 100% CPU. Ask Linux to kill this worker when its parent (EngineCore)
+    goes away."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+
+
 class RoutingRecorder:
     """Mixed into vLLM's worker: `self.model_runner` is the worker's model runner."""
 
@@ -41,6 +53,7 @@ class RoutingRecorder:
         """Hook every router once; returns the model's routing shape."""
         if getattr(self, "_routing", None) is not None:
             return self._routing["shape"]
+        _die_with_parent()
         runner = self.model_runner
         hf_config = runner.model_config.hf_config
         check_supported(hf_config)
