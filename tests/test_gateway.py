@@ -433,3 +433,62 @@ def _traffic(url: str, prompts: list[str], seconds: float) -> None:
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(worker, range(4)))
+
+
+def test_python_client_and_cli(gateway, tmp_path):
+    from clients.client import GatewayClient, GatewayError
+
+    client = GatewayClient(gateway.url, api_key=USER_KEY, admin_key=ADMIN_KEY)
+    assert client.model == "organism"
+    assert client.chat("What is 12 plus 7?", max_tokens=8, temperature=0)
+    answer, summary = client.chat_with_routing("What is 12 plus 7?", max_tokens=8, temperature=0)
+    assert answer and summary["routed_tokens"] > 0
+    assert client.routing()["num_experts"] == 8
+    assert client.admin_config()["model"] == "organism"
+    client.reset_telemetry()
+    with pytest.raises(GatewayError, match="rejected the API key"):
+        GatewayClient(gateway.url, api_key="wrong-key-12345").chat("hi")
+    with pytest.raises(GatewayError, match="forbidden"):
+        GatewayClient(gateway.url, api_key=USER_KEY, admin_key=USER_KEY).admin_config()
+    with pytest.raises(GatewayError, match="needs an admin key"):
+        GatewayClient(gateway.url, api_key=USER_KEY).reset_telemetry()
+    with pytest.raises(GatewayError, match="cannot reach"):
+        GatewayClient(f"http://127.0.0.1:{free_port()}", api_key=USER_KEY).chat("hi")
+
+    def mesa(*args, key=USER_KEY):
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "clients.cli",
+                "--url",
+                gateway.url,
+                "--api-key",
+                key,
+                "--admin-key",
+                ADMIN_KEY,
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    chat = mesa("chat", "What is 12 plus 7?", "--routing", "--max-tokens", "8")
+    assert chat.returncode == 0 and chat.stdout.strip() and "[routing]" in chat.stderr
+    telemetry = mesa("telemetry")
+    assert telemetry.returncode == 0 and "top-share" in telemetry.stdout
+    assert json.loads(mesa("config").stdout)["model"] == "organism"
+    rejected = mesa("chat", "hi", key="wrong-key-12345")
+    assert (
+        rejected.returncode == 1
+        and rejected.stderr.startswith("mesa: error:")
+        and "Traceback" not in rejected.stderr
+    )
+    (tmp_path / "report.json").write_text(json.dumps({"summary": {"safety_rate": 0.9}}))
+    report = mesa("report", str(tmp_path))
+    assert report.returncode == 0 and '"safety_rate": 0.9' in report.stdout
+    missing = mesa("report", str(tmp_path / "nothing"))
+    assert missing.returncode == 1 and "no report" in missing.stderr
+    no_config = mesa("align", "--config", str(tmp_path / "missing.yaml"))
+    assert no_config.returncode == 1 and "not found" in no_config.stderr

@@ -1,0 +1,146 @@
+"""`mesa`: the gateway from the shell.
+
+    mesa chat "What is 12 plus 7?" [--routing]      # one answer (and its routing summary)
+    mesa telemetry [--json]                          # live routing concentration per layer
+    mesa config                                      # the running config (admin key)
+    mesa align --config alignment/configs/organism.yaml [--address http://127.0.0.1:8265]
+    mesa report runs/align/                          # an alignment or evaluation report
+
+The gateway URL and keys come from --url / --api-key / --admin-key or MESA_GATEWAY_URL,
+MESA_API_KEY (or the first of MESA_API_KEYS) and MESA_ADMIN_KEY. Errors print one line and exit 1
+(2 for bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from clients.client import GatewayClient, GatewayError, summarize_routing
+
+
+def _client(args) -> GatewayClient:
+    return GatewayClient(args.url, api_key=args.api_key, admin_key=args.admin_key, model=args.model)
+
+
+def cmd_chat(args) -> None:
+    client = _client(args)
+    params = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.routing:
+        answer, summary = client.chat_with_routing(args.prompt, **params)
+        print(answer)
+        if summary:
+            share = summary["safety_expert_share"]
+            print(
+                f"\n[routing] {summary['routed_tokens']} tokens; top share per layer "
+                f"{summary['concentration']['top_share']}; safety-expert share "
+                f"{'unknown' if share is None else share}",
+                file=sys.stderr,
+            )
+    else:
+        print(client.chat(args.prompt, **params))
+
+
+def cmd_telemetry(args) -> None:
+    telemetry = _client(args).routing()
+    print(json.dumps(telemetry, indent=1) if args.json else "\n".join(summarize_routing(telemetry)))
+
+
+def cmd_config(args) -> None:
+    print(json.dumps(_client(args).admin_config(), indent=1))
+
+
+def cmd_align(args) -> None:
+    """Submit the alignment job to a Ray cluster with `ray job submit` (local by default)."""
+    if not Path(args.config).is_file():
+        raise GatewayError(f"alignment config not found: {args.config}")
+    command = ["ray", "job", "submit", "--address", args.address, "--working-dir", args.working_dir]
+    command += ["--", "python", "alignment/run.py", "--config", args.config]
+    if args.output_dir:
+        command += ["--output-dir", args.output_dir]
+    print("$ " + shlex.join(command), file=sys.stderr, flush=True)
+    env = os.environ | {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}  # Ray 2.60 local clusters
+    ray = Path(sys.executable).parent / "ray"
+    command[0] = str(ray) if ray.exists() else "ray"
+    try:
+        result = subprocess.run(command, env=env)
+    except FileNotFoundError:
+        raise GatewayError("the `ray` command is not installed in this environment (make install)") from None
+    if result.returncode != 0:
+        raise GatewayError(
+            f"ray job submit failed (exit {result.returncode}); is a Ray cluster running at "
+            f"{args.address}? Start one with `ray start --head`."
+        )
+
+
+def cmd_report(args) -> None:
+    path = Path(args.path)
+    markdown = path / "report.md" if path.is_dir() else path.with_suffix(".md")
+    report_json = path / "report.json" if path.is_dir() else path
+    if markdown.is_file() and not args.json:
+        print(markdown.read_text())
+    elif report_json.is_file():
+        print(
+            json.dumps(
+                json.loads(report_json.read_text()).get("summary", {})
+                if not args.json
+                else json.loads(report_json.read_text()),
+                indent=1,
+            )
+        )
+    else:
+        raise GatewayError(f"no report.md or report.json at {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mesa", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default=None, help="gateway URL (default $MESA_GATEWAY_URL or :8000)")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--admin-key", default=None)
+    parser.add_argument("--model", default=None, help="served model (default: the first listed)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    chat = commands.add_parser("chat", help="one chat completion")
+    chat.add_argument("prompt")
+    chat.add_argument("--max-tokens", type=int, default=64)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--routing", action="store_true", help="also print the request's routing summary")
+    chat.set_defaults(run=cmd_chat)
+
+    telemetry = commands.add_parser("telemetry", help="live routing concentration per layer")
+    telemetry.add_argument("--json", action="store_true")
+    telemetry.set_defaults(run=cmd_telemetry)
+
+    config = commands.add_parser("config", help="the running gateway's config (admin key)")
+    config.set_defaults(run=cmd_config)
+
+    align = commands.add_parser("align", help="submit a MESA alignment job with `ray job submit`")
+    align.add_argument("--config", required=True)
+    align.add_argument("--output-dir", default=None)
+    align.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"))
+    align.add_argument("--working-dir", default=".")
+    align.set_defaults(run=cmd_align)
+
+    report = commands.add_parser("report", help="print an alignment or evaluation report")
+    report.add_argument("path", help="a run directory or a report.json")
+    report.add_argument("--json", action="store_true")
+    report.set_defaults(run=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except GatewayError as error:
+        print(f"mesa: error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
