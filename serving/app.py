@@ -16,7 +16,6 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 from serving.config import GatewayConfig, key_digest, resolve_keys, resolve_model, resolve_safety_experts
 from serving.metrics import exposition, gateway_metrics
 from serving.routing_worker import TRACK_MARKER
-from serving.telemetry import RoutingShape, RoutingTelemetry, request_summary
+from serving.telemetry import RoutingShape, RoutingTelemetry, json_safe, request_summary
 
 logger = logging.getLogger("ray.serve")
 WORKER_EXTENSION = "serving.routing_worker.RoutingRecorder"
@@ -63,17 +62,6 @@ def openai_error(status: int, message: str, type_: str | None = None) -> JSONRes
     body = {"error": {"message": message, "type": type_ or HTTPStatus(status).phrase,
                       "param": None, "code": status}}
     return JSONResponse(body, status_code=status)
-
-
-def json_safe(value):
-    """NaN -> None, recursively (JSON has no NaN; a layer without traffic has no concentration)."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return value
 
 
 class GatewayMiddleware:

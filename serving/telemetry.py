@@ -147,3 +147,14 @@ def request_summary(hits: list[list[int]], shape: RoutingShape, top_n: int,
 
 def _finite(x: float) -> float | None:
     return None if x != x else round(x, 5)  # JSON has no NaN
+
+
+def json_safe(value):
+    """NaN -> None, recursively (JSON has no NaN; a layer without traffic has no concentration)."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value

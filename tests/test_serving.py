@@ -26,7 +26,7 @@ from serving.config import (
     resolve_safety_experts,
 )
 from serving.metrics import GatewayMetrics
-from serving.telemetry import RoutingShape, RoutingTelemetry, request_summary, safety_share
+from serving.telemetry import RoutingShape, RoutingTelemetry, json_safe, request_summary, safety_share
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,11 +139,7 @@ def test_telemetry_survives_an_engine_restart_and_rejects_bad_shapes():
 
 def test_summaries_are_json_without_nan():
     telemetry, _ = _telemetry()
-    summary = json.loads(
-        json.dumps(
-            __import__("serving.app", fromlist=["json_safe"]).json_safe(telemetry.summary()), allow_nan=False
-        )
-    )
+    summary = json.loads(json.dumps(json_safe(telemetry.summary()), allow_nan=False))
     assert summary["window"]["all"]["concentration"]["top_share"] == [None, None]
     per_request = request_summary([[2, 2, 0, 0], [3, 1, 0, 0]], RoutingShape(2, 4, 2), 2, [(0, 0)])
     assert per_request["routed_tokens"] == 2
