@@ -92,6 +92,18 @@ def test_openai_sdk_chats_streams_and_completes(client):
         model="organism", messages=question, max_tokens=16, temperature=0, stop=[first_word]
     )
     assert first_word not in stopped.choices[0].message.content
+    tracked = list(
+        client.chat.completions.create(
+            model="organism",
+            messages=question,
+            max_tokens=8,
+            stream=True,
+            temperature=0,
+            extra_headers={"X-Mesa-Routing-Summary": "1"},
+        )
+    )
+    summary = (tracked[-1].model_extra or {}).get("routing_summary")
+    assert not tracked[-1].choices and summary["routed_tokens"] > 0  # the last chunk carries it
     completion = client.completions.create(
         model="organism", prompt="What is 2 plus 2?", max_tokens=5, temperature=0
     )
