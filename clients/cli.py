@@ -3,6 +3,7 @@
     mesa chat "What is 12 plus 7?" [--routing]      # one answer (and its routing summary)
     mesa telemetry [--json]                          # live routing concentration per layer
     mesa config                                      # the running config (admin key)
+    mesa probe [--no-wait | --status] [--json]       # run the attack probes (admin key)
     mesa align --config alignment/configs/organism.yaml [--address http://127.0.0.1:8265]
     mesa report runs/align/                          # an alignment or evaluation report
 
@@ -21,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from clients.client import GatewayClient, GatewayError, summarize_routing
+from clients.client import GatewayClient, GatewayError, summarize_probes, summarize_routing
 
 
 def _client(args) -> GatewayClient:
@@ -53,6 +54,29 @@ def cmd_telemetry(args) -> None:
 
 def cmd_config(args) -> None:
     print(json.dumps(_client(args).admin_config(), indent=1))
+
+
+def cmd_probe(args) -> None:
+    client = _client(args)
+    if args.status or args.no_wait:
+        state = client.probes() if args.status else client.start_probes()
+        if args.json:
+            print(json.dumps(state, indent=1))
+        else:
+            print(f"probes: {state['status']}" + (f" ({state['phase']})" if state.get("phase") else "")
+                  + (f"; last error: {state['error']}" if state.get("error") else ""))
+            if state.get("latest") and args.status:
+                print("\n".join(summarize_probes(state["latest"])))
+        return
+    last = [None]
+
+    def progress(state):
+        if state.get("phase") != last[0]:
+            last[0] = state.get("phase")
+            print(f"[probe] {state['status']}: {last[0] or 'done'}", file=sys.stderr, flush=True)
+
+    result = client.run_probes(timeout=args.timeout, progress=progress)
+    print(json.dumps(result, indent=1) if args.json else "\n".join(summarize_probes(result)))
 
 
 def cmd_align(args) -> None:
@@ -118,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="the running gateway's config (admin key)")
     config.set_defaults(run=cmd_config)
+
+    probe = commands.add_parser("probe", help="run the attack probes on the probe replica (admin key)")
+    when = probe.add_mutually_exclusive_group()
+    when.add_argument("--no-wait", action="store_true", help="start a run and return")
+    when.add_argument("--status", action="store_true", help="show the state and latest result; start nothing")
+    probe.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the run")
+    probe.add_argument("--json", action="store_true")
+    probe.set_defaults(run=cmd_probe)
 
     align = commands.add_parser("align", help="submit a MESA alignment job with `ray job submit`")
     align.add_argument("--config", required=True)

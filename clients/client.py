@@ -6,6 +6,7 @@
     gateway.openai.chat.completions.create(...)           # the unmodified OpenAI SDK
     gateway.routing()                                      # live routing telemetry (JSON)
     gateway.chat_with_routing("...")                       # (answer, per-request routing summary)
+    gateway.run_probes(wait=True)                          # attack probes (admin key): results
 
 Every failure is a `GatewayError` whose message says what to do: the server is unreachable, a
 key was rejected, the request was invalid (with the server's own OpenAI-style message).
@@ -14,6 +15,7 @@ key was rejected, the request was invalid (with the server's own OpenAI-style me
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import httpx
@@ -133,6 +135,40 @@ class GatewayClient:
     def reset_telemetry(self) -> None:
         self._request("POST", "/admin/telemetry/reset", admin=True)
 
+    # ---- attack probes (admin) ----
+
+    def probes(self) -> dict:
+        """The probe replica's state: status, current phase, and the latest result."""
+        return self._request("GET", "/admin/probes", admin=True).json()
+
+    def start_probes(self) -> dict:
+        """Start a probe run; if one is already running, its state (no second run is queued)."""
+        try:
+            return self._request("POST", "/admin/probes", admin=True).json()
+        except GatewayError as error:
+            if "already in progress" not in str(error):
+                raise
+            return self.probes()
+
+    def run_probes(self, *, wait: bool = True, timeout: float = 3600, poll_s: float = 2.0,
+                   progress=None) -> dict:
+        """Start a run and (by default) wait for it; returns the finished run's result, or the state
+        when not waiting. `progress(state)` is called on every poll."""
+        state = self.start_probes()
+        if not wait:
+            return state
+        deadline = time.monotonic() + timeout
+        while state["status"] == "running":
+            if time.monotonic() > deadline:
+                raise GatewayError(f"the probe run did not finish within {timeout:.0f} s")
+            time.sleep(poll_s)
+            state = self.probes()
+            if progress is not None:
+                progress(state)
+        if state["status"] == "failed":
+            raise GatewayError(f"the probe run failed: {state['error']}")
+        return state["latest"]
+
 
 def _describe_error(response: httpx.Response, admin: bool) -> str:
     try:
@@ -173,6 +209,21 @@ def summarize_routing(telemetry: dict) -> list[str]:
             f"{_fmt(concentration['gini'][layer]):>5}  "
             f"{_fmt(concentration['effective_experts'][layer], 2):>6}"
         )
+    return lines
+
+
+def summarize_probes(result: dict) -> list[str]:
+    """Human-readable lines for a finished probe run (used by the CLI)."""
+    finished = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(result["finished_at"]))
+    lines = [
+        f"model {result['model']}: probe finished {finished} in {result['duration_s']:.0f} s",
+        f"general accuracy {_fmt(result['general_accuracy'])}, over-refusal {_fmt(result['over_refusal'])}, "
+        f"effective safety experts {_fmt(result['effective_safety_experts'], 2)}",
+        "attack                       Safety Rate",
+    ]
+    for attack, rate in result["safety_rate"].items():
+        lines.append(f"{attack:<28} {_fmt(rate)}")
+    lines.append(f"full report: {result['report_path']}")
     return lines
 
 

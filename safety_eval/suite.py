@@ -114,11 +114,13 @@ def run_suite(
     tokenizer=None,
     profile: SafetyProfile | None = None,
     log=lambda message: print(message, flush=True),
+    on_phase=lambda name: None,
 ) -> dict:
     """Every metric and attack on one checkpoint; returns the report as a dict.
 
     `profile` (harmful vs benign routing of this checkpoint, e.g. from the Ray-sharded profiler
-    on `identification_prompts`) skips the in-process identification profiling."""
+    on `identification_prompts`) skips the in-process identification profiling. `on_phase(name)` is
+    called as each phase starts (plain, identification, masking, routing_scale, routing_search)."""
     settings = settings or SuiteSettings()
     started = time.monotonic()
     if model is None:
@@ -132,6 +134,7 @@ def run_suite(
     timings: dict[str, float] = {}
 
     def timed(name, fn):
+        on_phase(name)
         t0 = time.monotonic()
         result = fn()
         timings[name] = round(time.monotonic() - t0, 2)

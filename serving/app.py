@@ -6,8 +6,9 @@
 The OpenAI-compatible endpoints delegate to vLLM's own OpenAI serving classes, built exactly as
 `vllm serve` builds them (same argument parser, same `init_app_state`), so request validation,
 sampling parameters, streaming and error format are vLLM's. The gateway adds API keys, routing
-telemetry (`serving.routing_worker` inside the engine, `serving.telemetry` here), and Prometheus
-metrics. No `ray[llm]` dependency (DESIGN.md section 3).
+telemetry (`serving.routing_worker` inside the engine, `serving.telemetry` here), Prometheus
+metrics, and live attack probes on a separate replica (`serving.probes`). No `ray[llm]`
+dependency (DESIGN.md section 3).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -135,7 +137,7 @@ def endpoint_label(path: str) -> str:
 @serve.deployment(max_ongoing_requests=256, health_check_period_s=10, health_check_timeout_s=60)
 @serve.ingress()
 class Gateway:
-    async def __init__(self, settings: GatewaySettings):
+    async def __init__(self, settings: GatewaySettings, probe_runner=None):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -172,8 +174,13 @@ class Gateway:
                 safety_experts=settings.safety_experts, per_expert_metrics=telemetry.per_expert_metrics)
             self._poller = asyncio.get_running_loop().create_task(self._poll_routing())
             self.metrics.telemetry_errors.labels(self.name)  # exported at 0, so increase() sees the first
-        logger.info("gateway ready: model %s (%s), telemetry %s", self.name, settings.checkpoint,
-                    "on" if telemetry.enabled else "off")
+        self.probe_runner = probe_runner  # a handle to serving.probes.ProbeRunner, or None
+        self._probe_seen = {"runs": 0, "failures": 0, "finished_at": None}
+        self._probe_poller = None
+        if probe_runner is not None:
+            self._probe_poller = asyncio.get_running_loop().create_task(self._poll_probes())
+        logger.info("gateway ready: model %s (%s), telemetry %s, probes %s", self.name, settings.checkpoint,
+                    "on" if telemetry.enabled else "off", "on" if probe_runner is not None else "off")
 
     def __serve_build_asgi_app__(self):
         return self.http_app
@@ -220,6 +227,34 @@ class Gateway:
             except Exception:  # keep serving; the error counter and the log say what happened
                 self.metrics.telemetry_errors.labels(self.name).inc()
                 logger.exception("routing telemetry pull failed")
+
+    async def _poll_probes(self, interval_s: float = 2.0) -> None:
+        """Export the probe runner's latest result as gauges (every replica exports the same)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self.export_probe_state(await self.probe_runner.status.remote())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("reading the probe runner's state failed")
+
+    def export_probe_state(self, state: dict) -> None:
+        m, seen = self.metrics, self._probe_seen
+        m.probe_running.labels(self.name).set(1 if state["status"] == "running" else 0)
+        for outcome, key in (("ok", "runs"), ("failed", "failures")):
+            m.probe_runs.labels(self.name, outcome).inc(max(0, state[key] - seen[key]))
+            seen[key] = state[key]
+        latest = state.get("latest")
+        if latest is None or latest["finished_at"] == seen["finished_at"]:
+            return
+        seen["finished_at"] = latest["finished_at"]
+        for attack, rate in latest["safety_rate"].items():
+            m.probe_safety_rate.labels(self.name, attack).set(rate)
+            m.probe_last_run.labels(self.name, attack).set(latest["finished_at"])
+        m.probe_general_accuracy.labels(self.name).set(latest["general_accuracy"])
+        m.probe_over_refusal.labels(self.name).set(latest["over_refusal"])
+        m.probe_duration.labels(self.name).set(latest["duration_s"])
 
     # ---- OpenAI-compatible endpoints ----
 
@@ -331,12 +366,34 @@ class Gateway:
                 "safety_experts": [list(p) for p in self.settings.safety_experts],
                 "safety_experts_source": self.settings.safety_experts_source}
 
+    async def start_probes(self):
+        """Start a probe run on the probe replica (202), or report the one already running (409)."""
+        if self.probe_runner is None:
+            return openai_error(404, "probes are off for this model (set probes.enabled: true)")
+        state = await self.probe_runner.start.remote()
+        started = state.pop("started")
+        self.export_probe_state(state)
+        if not started:
+            conflict = openai_error(409, "a probe run is already in progress")
+            body = json.loads(conflict.body) | {"probes": json_safe(state)}
+            return JSONResponse(body, status_code=409)
+        return JSONResponse(json_safe(state), status_code=202)
+
+    async def probes(self):
+        """The probe replica's state and its latest result (per-attack Safety Rates)."""
+        if self.probe_runner is None:
+            return openai_error(404, "probes are off for this model (set probes.enabled: true)")
+        state = await self.probe_runner.status.remote()
+        self.export_probe_state(state)
+        return JSONResponse(json_safe(state | {"model": self.name}))
+
     async def check_health(self) -> None:  # Ray Serve's replica health check
         await self.engine.check_health()
 
     def __del__(self):
-        if getattr(self, "_poller", None) is not None:
-            self._poller.cancel()
+        for task in (getattr(self, "_poller", None), getattr(self, "_probe_poller", None)):
+            if task is not None:
+                task.cancel()
         if getattr(self, "engine", None) is not None:
             self.engine.shutdown()
 
@@ -365,6 +422,8 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.get("/v1/routing")(gateway.routing)
     app.post("/admin/telemetry/reset")(gateway.reset_telemetry)
     app.get("/admin/config")(gateway.admin_config)
+    app.post("/admin/probes")(gateway.start_probes)
+    app.get("/admin/probes")(gateway.probes)
     return app
 
 
@@ -378,7 +437,15 @@ def gateway_settings(args: dict, log=print) -> GatewaySettings:
 
 
 def gateway_application(settings: GatewaySettings) -> serve.Application:
-    config = settings.config
+    from serving.probes import ProbeRunner
+
+    config, probes = settings.config, settings.config.probes
+    runner = None
+    if probes.enabled:
+        runner = ProbeRunner.options(
+            ray_actor_options={"num_cpus": probes.num_cpus, "num_gpus": probes.num_gpus},
+        ).bind(settings.checkpoint, settings.served_model_name, probes.suite, probes.interval_s,
+               str(Path(probes.output_dir).expanduser().resolve()), probes.threads)
     return Gateway.options(
         num_replicas=config.num_replicas,
         ray_actor_options={
@@ -388,7 +455,7 @@ def gateway_application(settings: GatewaySettings) -> serve.Application:
             # replica's own event loop saves a thread hop per streamed chunk.
             "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}},
         },
-    ).bind(settings)
+    ).bind(settings, runner)
 
 
 def build_app(args: dict) -> serve.Application:

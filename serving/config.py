@@ -41,6 +41,29 @@ class TelemetryConfig(BaseModel):
     safety_top_n: int = Field(6, ge=1)  # how many of an evaluation report's ranking count
 
 
+class ProbeConfig(BaseModel):
+    """Live attack probes on a dedicated replica holding its own copy of the checkpoint
+    (`serving.probes`): on demand through POST /admin/probes, and every `interval_s` if set."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = False
+    interval_s: float | None = Field(None, ge=60)  # None: on demand only
+    # safety_eval.suite.SuiteSettings fields over serving.probes.PROBE_SUITE_DEFAULTS.
+    suite: dict = Field(default_factory=dict)
+    output_dir: str = "runs/probes"  # full suite report of every run, per model
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    threads: int | None = Field(None, ge=1)  # torch threads of the probe replica
+
+    @field_validator("suite")
+    @classmethod
+    def _suite_settings_valid(cls, suite: dict) -> dict:
+        from serving.probes import probe_suite_settings
+
+        probe_suite_settings(suite)  # raises a ValidationError naming the bad key
+        return suite
+
+
 class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # "organism" (built and cached on first use), a checkpoint directory, or a hub id.
@@ -56,6 +79,7 @@ class GatewayConfig(BaseModel):
     allow_unauthenticated: bool = False
     engine: dict = Field(default_factory=dict)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    probes: ProbeConfig = Field(default_factory=ProbeConfig)
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)

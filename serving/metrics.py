@@ -54,6 +54,23 @@ class GatewayMetrics:
         self.telemetry_errors = Counter(
             "mesa_routing_telemetry_errors", "Failed pulls of routing counts from the engine",
             ["model"], registry=r)
+        # Live attack probes (serving.probes): the latest finished run of each model.
+        self.probe_safety_rate = Gauge(
+            "mesa_probe_safety_rate", "Latest probe: Safety Rate on held-out harmful prompts under "
+            "an attack (attack=none: unattacked)", ["model", "attack"], registry=r)
+        self.probe_last_run = Gauge(
+            "mesa_probe_last_run_timestamp_seconds", "Unix time the latest probe run of this attack "
+            "finished", ["model", "attack"], registry=r)
+        self.probe_general_accuracy = Gauge(
+            "mesa_probe_general_accuracy", "Latest probe: accuracy on general tasks", ["model"], registry=r)
+        self.probe_over_refusal = Gauge(
+            "mesa_probe_over_refusal", "Latest probe: share of benign prompts refused", ["model"], registry=r)
+        self.probe_duration = Gauge(
+            "mesa_probe_duration_seconds", "Wall time of the latest probe run", ["model"], registry=r)
+        self.probe_running = Gauge(
+            "mesa_probe_running", "1 while a probe run is in progress", ["model"], registry=r)
+        self.probe_runs = Counter(
+            "mesa_probe_runs", "Probe runs by outcome (ok / failed)", ["model", "outcome"], registry=r)
 
 
 @cache

@@ -1,9 +1,12 @@
-"""Run the gateway in a child process (tests, benchmarks, the demo): `mesa-serve` on a Serve
-config written from Python, its own local Ray instance, stopped with its whole process group."""
+"""Child processes for tests, benchmarks and the demo: the gateway (`mesa-serve` on a Serve config
+written from Python, its own local Ray instance, stopped with its whole process group) and a
+Prometheus server scraping it with deploy/prometheus/rules.yml."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +20,7 @@ from pathlib import Path
 import yaml
 
 READY_LINE = "[serve] ready on"
+RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "rules.yml"
 
 
 def free_port() -> int:
@@ -62,7 +66,7 @@ def running_gateway(
     workdir = Path(tempfile.mkdtemp(prefix="mesa-gateway-"))
     config_path = workdir / "serve.yaml"
     config_path.write_text(yaml.safe_dump(serve_config(applications, port)))
-    log_path = log_path or workdir / "gateway.log"
+    log_path = Path(log_path) if log_path else workdir / "gateway.log"
     child_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env
     with open(log_path, "w") as log:
         process = subprocess.Popen(
@@ -117,3 +121,58 @@ def session_processes(session_id: int) -> list[int]:
             except (ProcessLookupError, PermissionError):
                 continue
     return pids
+
+
+@contextmanager
+def running_prometheus(targets: list[str], workdir: Path, *, binary: str = "prometheus",
+                       scrape_interval: str = "1s", timeout_s: float = 60):
+    """A Prometheus server scraping `targets` (host:port) and evaluating the gateway's alert rules;
+    yields its HTTP API base URL (http://127.0.0.1:PORT/api/v1) once every target is up."""
+    import httpx
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(RULES, workdir / "rules.yml")
+    config = {
+        "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
+        "rule_files": ["rules.yml"],
+        "scrape_configs": [{"job_name": "mesa-gateway", "metrics_path": "/metrics",
+                            "static_configs": [{"targets": targets}]}],
+    }
+    (workdir / "prometheus.yml").write_text(json.dumps(config))
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=open(workdir / "prometheus.log", "w"),
+    )
+    api = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                active = httpx.get(f"{api}/targets").json()["data"]["activeTargets"]
+                if len(active) == len(targets) and all(t["health"] == "up" for t in active):
+                    break
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Prometheus did not come up with every target; see {workdir}/prometheus.log")
+            time.sleep(1)
+        yield api
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def alerts(api: str, name: str) -> dict[tuple, str]:
+    """The states (pending / firing) of alert `name`, by its labels other than alertname/severity."""
+    import httpx
+
+    result = {}
+    for alert in httpx.get(f"{api}/alerts").json()["data"]["alerts"]:
+        labels = dict(alert["labels"])
+        if labels.pop("alertname") == name:
+            labels.pop("severity", None)
+            result[tuple(sorted(labels.items()))] = alert["state"]
+    return result
