@@ -55,6 +55,7 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile Dockerfile.cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -157,7 +157,8 @@ def running_prometheus(targets: list[str], workdir: Path, *, binary: str = "prom
             except (httpx.HTTPError, KeyError, ValueError):
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Prometheus did not come up with every target; see {workdir}/prometheus.log")
+                raise RuntimeError(f"Prometheus did not come up with every target; see "
+                                   f"{workdir}/prometheus.log")
             time.sleep(1)
         yield api
     finally:
