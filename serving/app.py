@@ -78,7 +78,7 @@ class GatewayMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        gateway, path = self.gateway, scope["path"]
+        gateway, path = self.gateway, route_path(scope)
         rejection = gateway.authorize(path, dict(scope["headers"]).get(b"authorization", b""))
         if rejection is not None:
             await gateway.count(path, rejection.status_code, 0.0)
@@ -102,6 +102,15 @@ class GatewayMiddleware:
             await gateway.count(path, state["code"], elapsed)
             if state["first"] is not None and scope.get("mesa_streaming"):
                 metrics.time_to_first_token.labels(model, endpoint).observe(state["first"])
+
+
+def route_path(scope) -> str:
+    """The path inside the application: Serve keeps the full path in `path` and puts an
+    application's route_prefix (e.g. /aligned) in `root_path`; keys and labels judge the rest."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root):] or "/"
+    return path
 
 
 def guard_validation(model):

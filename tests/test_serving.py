@@ -211,3 +211,36 @@ def test_prometheus_config_and_alert_rules_pass_promtool():
     ):
         result = subprocess.run([promtool, *args], cwd=prometheus, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_keys_judge_the_path_inside_an_application_with_a_route_prefix():
+    """Serve keeps the full path and puts the application's route_prefix in root_path: an admin
+    endpoint under /aligned must still need the admin key."""
+    from serving.app import route_path
+
+    assert route_path({"path": "/aligned/admin/probes", "root_path": "/aligned"}) == "/admin/probes"
+    assert route_path({"path": "/aligned", "root_path": "/aligned"}) == "/"
+    assert route_path({"path": "/admin/config", "root_path": ""}) == "/admin/config"
+    assert route_path({"path": "/alignedx/admin", "root_path": "/aligned"}) == "/alignedx/admin"
+
+
+def test_probe_results_are_read_from_a_suite_report():
+    from serving.probes import attack_safety_rates, probe_suite_settings
+
+    report = {
+        "plain": {"safety_rate": {"rate": 0.9}, "jailbreak_safety_rate": {"rate": 0.2}},
+        "masking": {"targeted": {6: 0.05}, "random": {6: {"mean": 0.8, "std": 0.1}}},
+        "routing_scale": {"global_x0.5": 0.6},
+        "routing_search": {"attack_success_rate": 0.75},
+    }
+    assert attack_safety_rates(report) == {
+        "none": 0.9, "jailbreak_templates": 0.2, "top6_mask": 0.05, "random6_mask": 0.8,
+        "scale_global_x0.5": 0.6, "routing_search": 0.25,
+    }
+    settings = probe_suite_settings({"routing_search": {"sweeps": 2}})
+    assert settings.mask_counts == [6] and settings.routing_search.max_prompts == 20
+    assert settings.routing_search.sweeps == 2
+    with pytest.raises(ValidationError, match="probes.suite.mask_counts"):
+        GatewayConfig.model_validate({"probes": {"suite": {"mask_counts": [0]}}})
+    with pytest.raises(ValidationError, match="interval_s"):
+        GatewayConfig.model_validate({"probes": {"interval_s": 5}})
