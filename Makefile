@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(ENGINE)
 
-.PHONY: install system-deps test test-fast demo serve bench lint clean
+.PHONY: install system-deps test test-fast demo serve bench lint clean garak-setup redteam
 
 install: $(STAMP) system-deps
 
@@ -40,12 +40,25 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not ray and not vllm"
 
 demo: install
-	$(BIN)/python -m safety_eval.demo
+	$(BIN)/python -m clients.demo
 
 # The gateway on the model organism: http://127.0.0.1:8000/v1 (OpenAI-compatible). Needs keys:
 #   export MESA_API_KEYS=$$(openssl rand -hex 16) MESA_ADMIN_KEY=$$(openssl rand -hex 16)
 serve: install
 	$(BIN)/mesa-serve deploy/serve.yaml
+
+# garak in its own venv: its pinned dependencies (openai<3, provider SDKs) fight vLLM's (DESIGN.md
+# section 3). `make redteam` scans the base organism vs an aligned checkpoint behind one gateway.
+GARAK_VENV := .venv-garak
+ALIGNED ?= runs/demo/align/model
+
+$(GARAK_VENV)/mesa-garak-setup.json: | $(STAMP)
+	$(BIN)/python -m clients.redteam.garak_scan --setup
+
+garak-setup: $(GARAK_VENV)/mesa-garak-setup.json
+
+redteam: install garak-setup
+	$(BIN)/python -m clients.redteam.garak_scan --aligned $(ALIGNED) --output runs/garak
 
 bench: install
 	$(BIN)/python benchmarks/gateway_throughput.py
@@ -58,4 +71,4 @@ lint: install
 	$(BIN)/hadolint Dockerfile Dockerfile.cpu
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(GARAK_VENV) .pytest_cache build *.egg-info

@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     http = config.get("http_options") or {}
     # On a local Ray instance the dashboard (a fifth of a core under load on a 2-core machine)
     # starts only when asked for.
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, ignore_reinit_error=True,
+    # RAY_ADDRESS selects a cluster; without it a fresh local instance, never a cluster that some
+    # earlier `ray start` left recorded in /tmp/ray (possibly dead by now).
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True,
              include_dashboard=args.dashboard)
     serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000)})
     for application, settings in built:

@@ -92,12 +92,12 @@ def running_gateway(
         stop(process)
 
 
-def stop(process: subprocess.Popen, grace_s: float = 60) -> None:
-    """SIGINT to mesa-serve (it shuts Serve and its Ray instance down), then SIGKILL to every
+def stop(process: subprocess.Popen, grace_s: float = 60, first: signal.Signals = signal.SIGINT) -> None:
+    """`first` (SIGINT: mesa-serve shuts Serve and its Ray instance down), then SIGKILL to every
     process left in its session: Ray's daemons and vLLM's engine processes live there too, and
     an engine whose replica was killed would otherwise keep running."""
     if process.poll() is None:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(first)
         try:
             process.wait(grace_s)
         except subprocess.TimeoutExpired:
@@ -126,18 +126,24 @@ def session_processes(session_id: int) -> list[int]:
 @contextmanager
 def running_prometheus(targets: list[str], workdir: Path, *, binary: str = "prometheus",
                        scrape_interval: str = "1s", timeout_s: float = 60):
-    """A Prometheus server scraping `targets` (host:port) and evaluating the gateway's alert rules;
-    yields its HTTP API base URL (http://127.0.0.1:PORT/api/v1) once every target is up."""
+    """A Prometheus server scraping `targets` and evaluating the gateway's alert rules; yields its
+    HTTP API base URL (http://127.0.0.1:PORT/api/v1) once every target is up. A target is
+    host:port (metrics at /metrics) or a full metrics URL (an application under a route prefix:
+    http://host:port/aligned/metrics)."""
     import httpx
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     shutil.copy(RULES, workdir / "rules.yml")
+    scrape_configs = []
+    for i, target in enumerate(targets):
+        url = httpx.URL(target if "://" in target else f"http://{target}/metrics")
+        scrape_configs.append({"job_name": f"mesa-gateway-{i}", "metrics_path": url.path,
+                               "static_configs": [{"targets": [f"{url.host}:{url.port}"]}]})
     config = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
         "rule_files": ["rules.yml"],
-        "scrape_configs": [{"job_name": "mesa-gateway", "metrics_path": "/metrics",
-                            "static_configs": [{"targets": targets}]}],
+        "scrape_configs": scrape_configs,
     }
     (workdir / "prometheus.yml").write_text(json.dumps(config))
     port = free_port()

@@ -27,7 +27,7 @@ from conftest import require_binary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 USER_KEY, OTHER_USER_KEY, ADMIN_KEY = "test-user-key-0001", "test-user-key-0002", "test-admin-key-0001"
-# The organism's six most safety-critical experts (runs/demo/report.json, seed 0).
+# The organism's six most safety-critical experts (its evaluation report, seed 0).
 SAFETY_EXPERTS = [[3, 1], [2, 0], [3, 4], [0, 7], [1, 0], [0, 1]]
 CONCENTRATED_PROMPT = "a a a a a a a a a a a a a a a a a a a a"  # routes through few experts
 

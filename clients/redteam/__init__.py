@@ -1,0 +1,1 @@
+"""Red-team scans of models behind the gateway with outside tools (garak)."""
