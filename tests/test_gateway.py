@@ -46,7 +46,8 @@ def gateway(tmp_path_factory):
         engine={"dtype": "float32", "gpu_memory_utilization": 0.2, "max_model_len": 1024, "max_num_seqs": 64},
         telemetry={"window_s": 20, "poll_interval_s": 0.5, "safety_experts": SAFETY_EXPERTS},
         # A probe replica with a long masking phase (the isolation test sends traffic during it).
-        probes={"enabled": True, "threads": 1, "output_dir": str(tmp_path_factory.mktemp("probes")),
+        probes={"enabled": True, "threads": 1, "num_cpus": 0.5,
+                "output_dir": str(tmp_path_factory.mktemp("probes")),
                 "suite": {"limit": 50, "mask_counts": [2, 4, 6, 8]}},
     )
     env = {"MESA_API_KEYS": f"{USER_KEY},{OTHER_USER_KEY}", "MESA_ADMIN_KEY": ADMIN_KEY}
