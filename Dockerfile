@@ -63,11 +63,11 @@ RUN uv pip install --system --no-deps -e . \
 # Non-root, by number: Kubernetes' runAsNonRoot can only verify a numeric USER, and the fixed
 # GID lets pods grant volume access with fsGroup: 10001 (10001, not 1000: Ubuntu images may
 # already have a user 1000). ~/.cache exists and belongs to mesa, so a named volume mounted there
-# inherits that owner.
+# inherits that owner. /app/runs: where the probe replica writes its reports (probes.output_dir).
 RUN groupadd --gid 10001 mesa \
  && useradd --no-log-init -l --uid 10001 --gid mesa --create-home mesa \
- && mkdir -p /home/mesa/.cache \
- && chown mesa:mesa /home/mesa/.cache
+ && mkdir -p /home/mesa/.cache /app/runs \
+ && chown mesa:mesa /home/mesa/.cache /app/runs
 USER 10001:10001
 ENV HOME=/home/mesa
 
