@@ -81,7 +81,7 @@ class GatewayMiddleware:
         gateway, path = self.gateway, route_path(scope)
         rejection = gateway.authorize(path, dict(scope["headers"]).get(b"authorization", b""))
         if rejection is not None:
-            await gateway.count(path, rejection.status_code, 0.0)
+            gateway.count(path, rejection.status_code, 0.0)
             return await rejection(scope, receive, send)
         started, state = time.perf_counter(), {"code": 500, "first": None}
 
@@ -99,7 +99,7 @@ class GatewayMiddleware:
         finally:
             metrics.in_flight.labels(model).dec()
             elapsed = time.perf_counter() - started
-            await gateway.count(path, state["code"], elapsed)
+            gateway.count(path, state["code"], elapsed)
             if state["first"] is not None and scope.get("mesa_streaming"):
                 metrics.time_to_first_token.labels(model, endpoint).observe(state["first"])
 
@@ -218,7 +218,7 @@ class Gateway:
         return openai_error(401, "missing or invalid API key (Authorization: Bearer <key>)",
                             "invalid_request_error")
 
-    async def count(self, path: str, code: int, elapsed: float) -> None:
+    def count(self, path: str, code: int, elapsed: float) -> None:
         endpoint = endpoint_label(path)
         self.metrics.requests.labels(self.name, endpoint, str(code)).inc()
         if code < 400:

@@ -147,11 +147,12 @@ def running_prometheus(targets: list[str], workdir: Path, *, binary: str = "prom
     }
     (workdir / "prometheus.yml").write_text(json.dumps(config))
     port = free_port()
-    process = subprocess.Popen(
-        [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=open(workdir / "prometheus.log", "w"),
-    )
+    with open(workdir / "prometheus.log", "w") as log:  # the child keeps its own copy of the handle
+        process = subprocess.Popen(
+            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL, stderr=log,
+        )
     api = f"http://127.0.0.1:{port}/api/v1"
     try:
         deadline = time.monotonic() + timeout_s
