@@ -53,6 +53,36 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "ray_train").glob("train-*/checkpoint_*/train_state.pt"))
 
 
+def _session_processes(session: int) -> list[int]:
+    """Live pids whose session id is `session` (field 6 of /proc/PID/stat)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _kill_session(process: subprocess.Popen) -> None:
+    """SIGKILL every process of the job's session, as a dying node would, and wait until none is
+    left. Killing only the driver's process group is not enough: Ray's daemons and train workers
+    can outlive it for seconds and write one more checkpoint after the listing below."""
+    deadline = time.monotonic() + 60
+    while pids := _session_processes(process.pid):
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.poll()  # reap the driver
+        assert time.monotonic() < deadline, f"processes survived SIGKILL: {pids}"
+        time.sleep(0.1)
+    process.wait()
+
+
 def test_killed_job_resumes_to_the_same_result(tmp_path, organism):
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     # Uninterrupted run.
@@ -71,8 +101,7 @@ def test_killed_job_resumes_to_the_same_result(tmp_path, organism):
     while not _checkpoints(run_dir) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert process.poll() is None, "the job ended before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    _kill_session(process)
     steps_done = [torch.load(p, weights_only=False)["step"] for p in _checkpoints(run_dir)]
     assert steps_done and max(steps_done) < 24
     assert not (run_dir / "model").exists()
