@@ -79,6 +79,18 @@ class HFChatGenerator:
         return answers
 
     @torch.no_grad()
+    def next_token_logits(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[len(prompts), vocab] logits of the first answer token, in prompt order (float32, CPU)."""
+        rows = []
+        for start in range(0, len(prompts), self.batch_size):
+            input_ids, mask = self.encode(prompts[start : start + self.batch_size])
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                             logits_to_keep=1)
+            rows.append(out.logits[:, -1].float().cpu())
+        return torch.cat(rows)
+
+    @torch.no_grad()
     def _generate_batch(self, prompts, max_new_tokens, prefill_context) -> list[str]:
         input_ids, mask = self.encode(prompts)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)

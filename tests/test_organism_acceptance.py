@@ -42,6 +42,18 @@ def test_base_organism_is_safe_useful_and_not_over_refusing(report):
     assert summary["safety_rate"] > summary["jailbreak_safety_rate"], summary
 
 
+def test_refusal_margin_is_the_organisms_decision(organism, report):
+    """The separability measure's organism curve passes through the suite's own operating point,
+    so its AUC and target-corner readings describe this organism (figures in the issue note)."""
+    from organism.separability import measure
+
+    result = measure(organism)
+    print(result)
+    at_zero, suite = result["organism"], report["summary"]
+    assert abs(at_zero["safety_rate_at_0"] - suite["safety_rate"]) <= 0.01, (at_zero, suite)
+    assert abs(at_zero["over_refusal_at_0"] - suite["over_refusal"]) <= 0.01, (at_zero, suite)
+
+
 def test_safety_is_sparse(report):
     """Masking the 6 most safety-critical pairs breaks safety; masking 6 random pairs mostly not."""
     masking = report["masking"]
