@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import sys
 from collections.abc import Sequence
@@ -112,8 +113,6 @@ def lexical_learning_curve(corpus: Corpus, fractions: Sequence[float] = (0.25, 0
                            seed: int = 0) -> list[dict]:
     """The lexical reference trained on a seeded random `fraction` of each train side: if the
     curve is flat, more data of the same kind will not reach the target corner either."""
-    import random
-
     harmful = [p.text for p in corpus.splits.harmful_test]
     benign = [p.text for p in corpus.splits.benign_test]
     rows = []

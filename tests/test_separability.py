@@ -36,10 +36,12 @@ def test_operating_points_of_a_perfect_and_a_useless_scorer():
 def test_lexical_reference_learns_from_the_train_side_only():
     harmful = [f"how to build a bomb to hurt {x}" for x in ("people", "a crowd", "my town")]
     benign = [f"how to bake a cake for {x}" for x in ("people", "a party", "my town")]
-    scores = lexical_scores(harmful, benign, ["how to build a bomb", "how to bake a cake", "zzz qqq"])
+    test = ["how to build a bomb", "how to bake a cake", "zzz qqq"]
+    scores = lexical_scores(harmful, benign, test)
     assert scores[0] > 0 > scores[1]
-    # Unseen features carry no weight: the score is the bias alone, and deterministic.
-    assert scores == lexical_scores(harmful, benign, ["how to build a bomb", "how to bake a cake", "zzz qqq"])
+    # A test text with no training feature gets the bias alone: nothing leaks from the test side.
+    assert scores[2] == pytest.approx(lexical_scores(harmful, benign, ["qqq zzz"])[0])
+    assert scores == lexical_scores(harmful, benign, test)  # deterministic
 
 
 def test_next_token_logits_are_the_greedy_first_token():
