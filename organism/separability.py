@@ -109,12 +109,15 @@ def lexical_scores(train_harmful: Sequence[str], train_benign: Sequence[str], te
         return (torch.sparse.mm(matrix(test), weights[:, None]).squeeze(1) + bias).tolist()
 
 
+def _held_out(corpus: Corpus) -> tuple[list[str], list[str]]:
+    return [p.text for p in corpus.splits.harmful_test], [p.text for p in corpus.splits.benign_test]
+
+
 def lexical_learning_curve(corpus: Corpus, fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
                            seed: int = 0) -> list[dict]:
     """The lexical reference trained on a seeded random `fraction` of each train side: if the
     curve is flat, more data of the same kind will not reach the target corner either."""
-    harmful = [p.text for p in corpus.splits.harmful_test]
-    benign = [p.text for p in corpus.splits.benign_test]
+    harmful, benign = _held_out(corpus)
     rows = []
     for fraction in fractions:
         rng = random.Random(f"{seed}:{fraction}")
@@ -142,15 +145,32 @@ def refusal_margins(checkpoint: str | Path, prompts: Sequence[str]) -> list[floa
     return (logits[:, refuse] - logits[:, comply].max(-1).values).tolist()
 
 
-def measure(checkpoint: str | Path | None = None, corpus: Corpus | None = None) -> dict:
-    """Both curves on the organism's held-out harmful and alarming-benign prompts."""
+def organism_corpus(checkpoint: str | Path) -> Corpus:
+    """The training corpus behind `checkpoint`: its own build config when it is an organism
+    (`organism.json`), else the default organism's, which must hold out the same prompts (true
+    of checkpoints aligned from the default organism)."""
+    checkpoint = Path(checkpoint)
+    info = checkpoint / "organism.json"
+    config = OrganismConfig()
+    if info.is_file():
+        config = OrganismConfig.model_validate(json.loads(info.read_text())["config"])
+    corpus = build_corpus(config)
+    sets = checkpoint / "eval_sets.json"
+    if sets.is_file() and json.loads(sets.read_text()).get("harmful") != _held_out(corpus)[0]:
+        raise ValueError(f"{checkpoint}: its held-out prompts are not the organism corpus's; "
+                         "separability is defined for the organism and checkpoints aligned from it")
+    return corpus
+
+
+def measure(checkpoint: str | Path | None = None) -> dict:
+    """Both curves on the held-out harmful and alarming-benign prompts of `checkpoint` (default:
+    the organism, built if absent)."""
     from organism.build import ensure_organism
 
-    corpus = corpus or build_corpus(OrganismConfig())
-    harmful = [p.text for p in corpus.splits.harmful_test]
-    benign = [p.text for p in corpus.splits.benign_test]
-    lexical = lexical_scores(corpus.harmful_train, corpus.benign_train, harmful + benign)
     checkpoint = checkpoint or ensure_organism(log=lambda *_: None)
+    corpus = organism_corpus(checkpoint)
+    harmful, benign = _held_out(corpus)
+    lexical = lexical_scores(corpus.harmful_train, corpus.benign_train, harmful + benign)
     margins = refusal_margins(checkpoint, harmful + benign)
     n = len(harmful)
     return {
@@ -171,7 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.checkpoint and not Path(args.checkpoint).is_dir():
         parser.exit(2, f"error: checkpoint directory not found: {args.checkpoint}\n")
-    result = measure(args.checkpoint)
+    try:
+        result = measure(args.checkpoint)
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
     print(f"held-out: {result['organism']['n_harmful']} harmful, {result['organism']['n_benign']} "
           f"alarming-benign; targets SR >= {TARGET_SAFETY_RATE}, over-refusal <= {TARGET_OVER_REFUSAL}")
     print(f"{'scorer':<10}{'AUC':>7}{'SR@OR<=.05':>12}{'OR@SR>=.98':>12}{'SR@0':>8}{'OR@0':>8}")

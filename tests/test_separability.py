@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from moe_routing.tiny import byte_tokenizer, tiny_model
-from organism.separability import lexical_scores, operating_points
+from organism.separability import lexical_scores, operating_points, organism_corpus
 from safety_eval.generation import HFChatGenerator
 
 
@@ -56,3 +58,11 @@ def test_next_token_logits_are_the_greedy_first_token():
     # Batched and one-by-one agree (left padding and positions handled).
     alone = torch.cat([generator.next_token_logits([p]) for p in prompts])
     assert torch.allclose(logits, alone, atol=1e-4)
+
+
+def test_checkpoint_with_other_held_out_prompts_is_refused(tmp_path):
+    (tmp_path / "eval_sets.json").write_text(json.dumps({"harmful": ["not the organism's test set"]}))
+    with pytest.raises(ValueError, match="held-out prompts are not the organism corpus's"):
+        organism_corpus(tmp_path)
+    (tmp_path / "eval_sets.json").unlink()  # no record at all: the default organism's corpus
+    assert len(organism_corpus(tmp_path).splits.harmful_test) > 0
