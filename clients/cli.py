@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from clients.client import GatewayClient, GatewayError, summarize_probes, summarize_routing
+from moe_routing.ray_cluster import RayClusterError, ensure_auth_token, ray_binary, ray_cli_env
 
 
 def _client(args) -> GatewayClient:
@@ -88,9 +89,12 @@ def cmd_align(args) -> None:
     if args.output_dir:
         command += ["--output-dir", args.output_dir]
     print("$ " + shlex.join(command), file=sys.stderr, flush=True)
-    env = os.environ | {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}  # Ray 2.60 local clusters
-    ray = Path(sys.executable).parent / "ray"
-    command[0] = str(ray) if ray.exists() else "ray"
+    try:  # joining a cluster: its token must be here already (`ray start --head` needed one too)
+        ensure_auth_token(create=False, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except RayClusterError as error:
+        raise GatewayError(str(error)) from None
+    env = ray_cli_env(keep_address=True)
+    command[0] = ray_binary()
     try:
         result = subprocess.run(command, env=env)
     except FileNotFoundError:
@@ -98,7 +102,8 @@ def cmd_align(args) -> None:
     if result.returncode != 0:
         raise GatewayError(
             f"ray job submit failed (exit {result.returncode}); is a Ray cluster running at "
-            f"{args.address}? Start one with `ray start --head`."
+            f"{args.address}? Start one as the README says (a token first: `ray get-auth-token "
+            "--generate`, then `ray start --head`)."
         )
 
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from moe_routing.architectures import MoEModel, check_supported, describe
 from moe_routing.instrument import RoutingTrace, capture_routing
+from moe_routing.ray_cluster import init_ray
 from moe_routing.stats import (
     RoutingCounts,
     concentration,
@@ -255,8 +256,7 @@ def profile_routing_ray(
     import ray
 
     prompts = _check_prompts(prompts)
-    if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    init_ray(log_to_driver=False)
     resources = ray.cluster_resources()
     if gpus_per_worker is None:
         gpus_per_worker = 1.0 if resources.get("GPU", 0) >= 1 else 0.0

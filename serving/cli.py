@@ -71,13 +71,18 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
+    from moe_routing.ray_cluster import RayClusterError, init_ray
+
     http = config.get("http_options") or {}
     # On a local Ray instance the dashboard (a fifth of a core under load on a 2-core machine)
     # starts only when asked for.
     # RAY_ADDRESS selects a cluster; without it a fresh local instance, never a cluster that some
     # earlier `ray start` left recorded in /tmp/ray (possibly dead by now).
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True,
-             include_dashboard=args.dashboard)
+    try:
+        init_ray(os.environ.get("RAY_ADDRESS") or "local", include_dashboard=args.dashboard,
+                 log=lambda line: print(f"[serve] {line}", flush=True))
+    except RayClusterError as error:
+        _fail(str(error))
     serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": http.get("port", 8000)})
     for application, settings in built:
         name = application.get("name", "default")

@@ -5,6 +5,8 @@ alignment report and the probe alerts with the probes (about 15 minutes with the
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +21,25 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.timeout(2700)
 def test_demo_runs_end_to_end_and_agrees_with_the_alignment_report(tmp_path):
     require_binary("prometheus")
+    from organism.build import CACHE_ENV, default_cache_dir
+
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "clients.demo", "--out", str(out)], cwd=ROOT,
+    # A home of its own that no earlier test filled (no ~/.ray token); the organism cache is the
+    # suite's, so the demo does not build it a second time.
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {"HOME": str(home), CACHE_ENV: str(default_cache_dir().parent)}
+    result = subprocess.run([sys.executable, "-m", "launch.demo", "--out", str(out)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=2600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    token_file = home / ".ray" / "auth_token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert f"Ray token auth: created a new token in {token_file}" in result.stdout
+    token = token_file.read_text()
+    logs = [p for p in out.rglob("*") if p.is_file() and p.suffix in {".log", ".json", ".md", ".txt"}]
+    assert not [p for p in logs if token in p.read_text(errors="replace")]
+    assert token not in result.stdout + result.stderr
     for step in ("1/5", "2/5", "3/5", "4/5", "5/5"):
         assert f"] {step} " in result.stdout
     assert "Job 'raysubmit_" in result.stdout + result.stderr and "succeeded" in result.stdout + result.stderr

@@ -19,7 +19,7 @@ import numpy as np
 import openai
 import pytest
 
-from serving.process import alerts, free_port, gateway_app, running_gateway, running_prometheus
+from launch.processes import alerts, free_port, gateway_app, running_gateway, running_prometheus
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.vllm]
 

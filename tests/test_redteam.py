@@ -1,4 +1,4 @@
-"""The garak red-team scan, unit level: no gateway, no garak run (clients/redteam/)."""
+"""The garak red-team scan, unit level: no gateway, no garak run (launch/redteam/)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from clients.redteam import garak_scan
-from clients.redteam.garak_scan import (
+from launch.redteam import garak_scan
+from launch.redteam.garak_scan import (
     ScanError,
     check_report,
     configured_probes,
@@ -24,7 +24,7 @@ from clients.redteam.garak_scan import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "clients" / "redteam" / "garak.yaml"
+CONFIG = ROOT / "launch" / "redteam" / "garak.yaml"
 
 
 def _garak_package() -> Path:
@@ -161,7 +161,7 @@ def test_summary_puts_models_side_by_side(tmp_path):
 
 def test_missing_garak_venv_is_one_clear_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "clients.redteam.garak_scan", "--aligned", str(tmp_path),
+        [sys.executable, "-m", "launch.redteam.garak_scan", "--aligned", str(tmp_path),
          "--garak-venv", str(tmp_path / "no-venv"), "--output", str(tmp_path / "out")],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
     )
@@ -170,5 +170,5 @@ def test_missing_garak_venv_is_one_clear_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("garak_scan: error: garak's virtualenv ")
-    assert "missing" in lines[0] and "python -m clients.redteam.garak_scan --setup" in lines[0]
+    assert "missing" in lines[0] and "python -m launch.redteam.garak_scan --setup" in lines[0]
     assert not (tmp_path / "out").exists()  # nothing started

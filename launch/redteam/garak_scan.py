@@ -1,13 +1,13 @@
 """A small garak scan of a base model and its aligned checkpoint, both behind one gateway.
 
-    python -m clients.redteam.garak_scan --setup                 # once: garak's own venv, .venv-garak
-    python -m clients.redteam.garak_scan --aligned runs/compare/mesa-mask/model [--base organism]
-                                         [--output runs/garak] [--config clients/redteam/garak.yaml]
+    python -m launch.redteam.garak_scan --setup                 # once: garak's own venv, .venv-garak
+    python -m launch.redteam.garak_scan --aligned runs/compare/mesa-mask/model [--base organism]
+                                         [--output runs/garak] [--config launch/redteam/garak.yaml]
 
 One `mesa-serve` process serves both models side by side (applications "base" at /base and
 "aligned" at /aligned, fresh random API keys); garak, run from `.venv-garak` (DESIGN.md section 3:
 garak's pinned dependencies conflict with vLLM's), scans each through its OpenAI-compatible
-generator with the probes and string detectors of `clients/redteam/garak.yaml`, offline. Writes
+generator with the probes and string detectors of `launch/redteam/garak.yaml`, offline. Writes
 OUTPUT/{base,aligned}.report.jsonl (garak's reports), OUTPUT/summary.json and OUTPUT/summary.md
 (pass rates per probe and detector: the share of answers garak's detector judged safe).
 
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "garak.yaml"
 DEFAULT_VENV = ROOT / ".venv-garak"
 GARAK_VERSION = "0.17.1"
-SETUP_COMMAND = "python -m clients.redteam.garak_scan --setup"
+SETUP_COMMAND = "python -m launch.redteam.garak_scan --setup"
 GENERATOR = ("openai", "OpenAICompatible")
 # What garak 0.17.1 imports for the OpenAI-compatible generator, the dan/donotanswer/encoding probes
 # and their string detectors, found by trial in an empty venv (`--no-deps` garak, then each missing
@@ -363,7 +363,7 @@ def scan(args) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     models = {"base": args.base, "aligned": str(aligned.resolve())}
 
-    from serving.process import gateway_app, running_gateway
+    from launch.processes import gateway_app, running_gateway
 
     user_key, admin_key = secrets.token_hex(16), secrets.token_hex(16)
     applications = [
@@ -444,7 +444,7 @@ def scan(args) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m clients.redteam.garak_scan", description=__doc__.split("\n\n")[0]
+        prog="python -m launch.redteam.garak_scan", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
         "--setup", action="store_true", help=f"create the garak venv (garak {GARAK_VERSION}) and exit"

@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack
 from pathlib import Path
+
+from moe_routing.ray_cluster import ray_binary, ray_cli_env
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("base", "aligned")
@@ -38,63 +37,11 @@ def say(message: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def ray_binary() -> str:
-    candidate = Path(sys.executable).parent / "ray"
-    return str(candidate) if candidate.exists() else "ray"
-
-
-@contextmanager
-def local_ray_cluster(log_path: Path):
-    """A Ray head on this machine for `ray job submit`, stopped (with every process it started)
-    on exit; other Ray instances on the machine are left alone."""
-    from serving.process import free_port, session_processes, stop
-
-    dashboard, gcs_port = free_port(), free_port()
-    command = [ray_binary(), "start", "--head", "--block", f"--port={gcs_port}",
-               f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-               "--disable-usage-stats"]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env=ray_env())
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        import httpx
-
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{address}/api/version", timeout=5).status_code < 500:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the local Ray cluster did not start; see {log_path}")
-            time.sleep(1)
-        yield address
-    finally:
-        for pid in session_processes(process.pid):  # `ray stop` would stop every Ray on the machine
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        stop(process, grace_s=10, first=signal.SIGTERM)
-        # The head records its address for later `ray.init()` calls; it is dead now.
-        recorded = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-        with suppress(OSError):
-            if recorded.read_text().strip().endswith(f":{gcs_port}"):
-                recorded.unlink()
-
-
-def ray_env() -> dict:
-    # Ray 2.60 local clusters use token authentication; the CLI finds the token with this set.
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return env | {"RAY_AUTH_MODE": env.get("RAY_AUTH_MODE", "token"),
-                  "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
-
-
 def submit_alignment(address: str, config: Path, output_dir: Path) -> None:
     command = [ray_binary(), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
                sys.executable, "alignment/run.py", "--config", str(config), "--output-dir", str(output_dir)]
     say("$ " + " ".join(command))
-    result = subprocess.run(command, env=ray_env(), cwd=ROOT)
+    result = subprocess.run(command, env=ray_cli_env(), cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(f"the alignment job failed (ray job submit exited {result.returncode})")
 
@@ -110,7 +57,7 @@ def traffic(checkpoint: str, per_kind: int = 4) -> list[tuple[str, str]]:
 
 
 def gateway_apps(checkpoints: dict[str, str], reports: dict[str, Path], suite: dict, probe_dir: Path):
-    from serving.process import gateway_app
+    from launch.processes import gateway_app
 
     return [
         gateway_app(
@@ -154,7 +101,7 @@ def probe_both(clients: dict) -> dict[str, dict]:
 def wait_for_alerts(api: str, expected: dict[str, set[str]], timeout_s: float = 180) -> dict[str, set[str]]:
     """Firing ProbeSafetyRateLow attacks per model, once they match `expected` or at the timeout
     (the rule needs its condition to hold for 1 minute)."""
-    from serving.process import alerts
+    from launch.processes import alerts
 
     deadline = time.monotonic() + timeout_s
     while True:
@@ -249,8 +196,10 @@ def main(argv=None) -> int:
 def run_demo(args) -> int:
     from alignment.config import load_config
     from clients.client import GatewayClient
+    from launch.processes import running_gateway, running_prometheus
+    from launch.ray_head import local_ray_cluster
+    from moe_routing.ray_cluster import ensure_auth_token
     from organism.build import ensure_organism
-    from serving.process import running_gateway, running_prometheus
 
     started = time.monotonic()
     out = args.out.resolve()
@@ -266,7 +215,11 @@ def run_demo(args) -> int:
     say("2/5 MESA alignment with `ray job submit` (profile, allocate, train, export, evaluate both)")
     align_dir = out / "align"
     with ExitStack() as stack:
-        address = args.ray_address or stack.enter_context(local_ray_cluster(out / "ray-head.log"))
+        if args.ray_address:
+            ensure_auth_token(create=False, log=say)  # that cluster's token, which we cannot create
+            address = args.ray_address
+        else:
+            address = stack.enter_context(local_ray_cluster(out / "ray-head.log", log=say))
         if not args.ray_address:
             say(f"local Ray cluster up; dashboard and job server at {address}")
         submit_alignment(address, args.config.resolve(), align_dir)
