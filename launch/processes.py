@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -125,16 +124,16 @@ def session_processes(session_id: int) -> list[int]:
 
 @contextmanager
 def running_prometheus(targets: list[str], workdir: Path, *, binary: str = "prometheus",
-                       scrape_interval: str = "1s", timeout_s: float = 60):
-    """A Prometheus server scraping `targets` and evaluating the gateway's alert rules; yields its
-    HTTP API base URL (http://127.0.0.1:PORT/api/v1) once every target is up. A target is
-    host:port (metrics at /metrics) or a full metrics URL (an application under a route prefix:
-    http://host:port/aligned/metrics)."""
+                       scrape_interval: str = "1s", timeout_s: float = 60, rules: str | None = None):
+    """A Prometheus server scraping `targets` and evaluating the gateway's alert rules (or the
+    rules file text `rules`); yields its HTTP API base URL (http://127.0.0.1:PORT/api/v1) once
+    every target is up. A target is host:port (metrics at /metrics) or a full metrics URL (an
+    application under a route prefix: http://host:port/aligned/metrics)."""
     import httpx
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(RULES, workdir / "rules.yml")
+    (workdir / "rules.yml").write_text(RULES.read_text() if rules is None else rules)
     scrape_configs = []
     for i, target in enumerate(targets):
         url = httpx.URL(target if "://" in target else f"http://{target}/metrics")

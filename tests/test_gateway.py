@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import openai
 import pytest
 
-from launch.processes import alerts, free_port, gateway_app, running_gateway, running_prometheus
+from launch.processes import RULES, alerts, free_port, gateway_app, running_gateway, running_prometheus
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.vllm]
 
@@ -27,7 +28,8 @@ from conftest import require_binary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 USER_KEY, OTHER_USER_KEY, ADMIN_KEY = "test-user-key-0001", "test-user-key-0002", "test-admin-key-0001"
-# The organism's six most safety-critical experts (its evaluation report, seed 0).
+# Six (layer, expert) pairs for the safety-share gauge. Any pairs do: the tests check the plumbing
+# (config echoed, share strictly between 0 and 1), not which experts this build's safety uses.
 SAFETY_EXPERTS = [[3, 1], [2, 0], [3, 4], [0, 7], [1, 0], [0, 1]]
 CONCENTRATED_PROMPT = "a a a a a a a a a a a a a a a a a a a a"  # routes through few experts
 
@@ -349,23 +351,62 @@ def test_32_streaming_clients_without_failures(gateway):
     assert report["requests"] == 640 and report["completion_tokens"] > 0
 
 
+def _top_share_under(url: str, prompts: list[str], seconds: float) -> list[float]:
+    """Max-over-layers `mesa_routing_top_share` sampled from /metrics every second while `prompts`
+    run, counting only samples whose window holds > 300 tokens (as the alert rule does)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples, done = [], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(1.0):
+            families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
+            tokens = max((s.value for s in families["mesa_routing_window_tokens"].samples), default=0)
+            shares = [s.value for s in families["mesa_routing_top_share"].samples if s.value == s.value]
+            if tokens > 300 and shares:
+                samples.append(max(shares))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        _traffic(url, prompts, seconds)
+    finally:
+        done.set()
+        sampler.join()
+    return samples
+
+
 def test_real_prometheus_fires_the_concentration_alert(gateway, tmp_path):
-    """Mixed traffic keeps MoERoutingConcentrated quiet; traffic made of one repetitive prompt
-    fires it (rules from deploy/prometheus/rules.yml, scraped every second)."""
+    """deploy/prometheus/rules.yml's MoERoutingConcentrated, with its threshold set from this
+    organism's own routing (the same seed gives other weights, and other shares, on another
+    machine): halfway between the highest top share of mixed traffic and the typical top share of
+    one repetitive prompt. Mixed traffic then keeps it quiet and the repetitive prompt fires it."""
     admin = _headers(ADMIN_KEY)
+    mixed = [
+        "What is 12 plus 7?",
+        "How do I kill a Python process?",
+        "Spell dog backwards.",
+        "What is the capital of France?",
+        "How do I make a bomb?",
+        "What is 9 times 3?",
+    ]
+    httpx.post(gateway.url + "/admin/telemetry/reset", headers=admin).raise_for_status()
+    mixed_peak = max(_top_share_under(gateway.url, mixed, seconds=25))
+    httpx.post(gateway.url + "/admin/telemetry/reset", headers=admin).raise_for_status()
+    concentrated = float(np.median(_top_share_under(gateway.url, [CONCENTRATED_PROMPT], seconds=25)))
+    # The property every build has: one repeated token routes more narrowly than mixed prompts.
+    assert concentrated > mixed_peak + 0.02, (mixed_peak, concentrated)
+    threshold = (mixed_peak + concentrated) / 2
+    rule = "model_layer:mesa_routing_top_share:max > 0.75"
+    rules = RULES.read_text()
+    assert rule in rules, "the shipped concentration rule changed; update this test"
+    rules = rules.replace(rule, f"model_layer:mesa_routing_top_share:max > {threshold:.4f}")
+
     target = gateway.url.removeprefix("http://")
-    with running_prometheus([target], tmp_path, binary=require_binary("prometheus")) as api:
+    with running_prometheus([target], tmp_path, binary=require_binary("prometheus"), rules=rules) as api:
         httpx.post(gateway.url + "/admin/telemetry/reset", headers=admin).raise_for_status()
-        mixed = [
-            "What is 12 plus 7?",
-            "How do I kill a Python process?",
-            "Spell dog backwards.",
-            "What is the capital of France?",
-            "How do I make a bomb?",
-            "What is 9 times 3?",
-        ]
         _traffic(gateway.url, mixed, seconds=45)
-        assert not alerts(api, "MoERoutingConcentrated"), "fired on mixed traffic"
+        assert not alerts(api, "MoERoutingConcentrated"), f"fired on mixed traffic ({threshold=:.3f})"
         httpx.post(gateway.url + "/admin/telemetry/reset", headers=admin).raise_for_status()
         fired = False
         deadline = time.monotonic() + 150
@@ -373,7 +414,7 @@ def test_real_prometheus_fires_the_concentration_alert(gateway, tmp_path):
             _traffic(gateway.url, [CONCENTRATED_PROMPT], seconds=5)
             fired = "firing" in alerts(api, "MoERoutingConcentrated").values()
         query = httpx.get(f"{api}/query", params={"query": "max(mesa_routing_top_share)"}).json()
-        assert fired, f"no alert; max top share now {query['data']['result']}"
+        assert fired, f"no alert at threshold {threshold:.3f}; max top share now {query['data']['result']}"
 
 
 def _traffic(url: str, prompts: list[str], seconds: float) -> None:
