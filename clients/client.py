@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import openai
 
-SUMMARY_HEADER = "X-Mesa-Routing-Summary"
+from serving.protocol import SUMMARY_HEADER  # standard library only: no vLLM, Ray or torch
 
 
 class GatewayError(RuntimeError):

@@ -7,44 +7,57 @@ The OpenAI-compatible endpoints delegate to vLLM's own OpenAI serving classes, b
 `vllm serve` builds them (same argument parser, same `init_app_state`), so request validation,
 sampling parameters, streaming and error format are vLLM's. The gateway adds API keys, routing
 telemetry (`serving.routing_worker` inside the engine, `serving.telemetry` here), Prometheus
-metrics, and live attack probes on a separate replica (`serving.probes`). No `ray[llm]`
-dependency (DESIGN.md section 3).
+metrics, per-key limits and an audit log, and live attack probes on a separate replica
+(`serving.probes`). No `ray[llm]` dependency (DESIGN.md section 3).
+
+Laid out like vLLM's `entrypoints/openai`: `serving.protocol` (headers, paths, key ids, error
+bodies; shared with `clients/`), `serving.auth` (keys), `serving.limits` (per-key limits),
+`serving.audit` (the audit log), `serving.routes` (routes and the middleware), and here the
+deployment that owns the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
-import time
 import uuid
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from ray import serve
 from starlette.datastructures import Headers
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest, ChatCompletionResponse
-from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
+from vllm.entrypoints.openai.completion.protocol import CompletionResponse
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
-from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
-from serving.config import GatewayConfig, key_digest, resolve_keys, resolve_model, resolve_safety_experts
+from serving.audit import AuditLog, prompt_text
+from serving.auth import KeyChecker, route_path  # noqa: F401  (route_path: its historical import path)
+from serving.config import (
+    GatewayConfig,
+    check_limit_keys,
+    resolve_keys,
+    resolve_model,
+    resolve_safety_experts,
+)
+from serving.limits import KeyLimiter
 from serving.metrics import exposition, gateway_metrics
+from serving.protocol import (
+    CHAT_ROLES,
+    SUMMARY_HEADER,
+    digest_key_id,
+    endpoint_label,
+    openai_error,
+    usage_tokens,
+)
+from serving.routes import create_app
 from serving.routing_worker import TRACK_MARKER
 from serving.telemetry import RoutingShape, RoutingTelemetry, json_safe, request_summary
 
 logger = logging.getLogger("ray.serve")
 WORKER_EXTENSION = "serving.routing_worker.RoutingRecorder"
-SUMMARY_HEADER = "x-mesa-routing-summary"
-CHAT_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
-PUBLIC_PATHS = {"/health", "/metrics", "/openapi.json", "/docs"}
 
 
 @dataclass(frozen=True)
@@ -58,89 +71,7 @@ class GatewaySettings:
     admin_key_digest: str | None
     safety_experts: list[tuple[int, int]] = field(default_factory=list)
     safety_experts_source: str = ""
-
-
-def openai_error(status: int, message: str, type_: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_ or HTTPStatus(status).phrase,
-                      "param": None, "code": status}}
-    return JSONResponse(body, status_code=status)
-
-
-class GatewayMiddleware:
-    """API keys and request metrics, as plain ASGI (streaming responses pass through untouched).
-
-    /v1/*: a user or the admin key (401 otherwise); /admin/*: the admin key only (403 for a user
-    key); /health and /metrics are open, for probes and scrapers."""
-
-    def __init__(self, app, gateway: Gateway):
-        self.app, self.gateway = app, gateway
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        gateway, path = self.gateway, route_path(scope)
-        rejection = gateway.authorize(path, dict(scope["headers"]).get(b"authorization", b""))
-        if rejection is not None:
-            gateway.count(path, rejection.status_code, 0.0)
-            return await rejection(scope, receive, send)
-        started, state = time.perf_counter(), {"code": 500, "first": None}
-
-        async def timed_send(message):
-            if message["type"] == "http.response.start":
-                state["code"] = message["status"]
-            elif message["type"] == "http.response.body" and state["first"] is None and message.get("body"):
-                state["first"] = time.perf_counter() - started
-            await send(message)
-
-        metrics, model, endpoint = gateway.metrics, gateway.name, endpoint_label(path)
-        metrics.in_flight.labels(model).inc()
-        try:
-            await self.app(scope, receive, timed_send)
-        finally:
-            metrics.in_flight.labels(model).dec()
-            elapsed = time.perf_counter() - started
-            gateway.count(path, state["code"], elapsed)
-            if state["first"] is not None and scope.get("mesa_streaming"):
-                metrics.time_to_first_token.labels(model, endpoint).observe(state["first"])
-
-
-def route_path(scope) -> str:
-    """The path inside the application: Serve keeps the full path in `path` and puts an
-    application's route_prefix (e.g. /aligned) in `root_path`; keys and labels judge the rest."""
-    path, root = scope["path"], scope.get("root_path", "")
-    if root and (path == root or path.startswith(root + "/")):
-        return path[len(root):] or "/"
-    return path
-
-
-def guard_validation(model):
-    """A dependency that runs the request model's validators before FastAPI does and turns a
-    validator that crashes on an unexpected type (e.g. vLLM's structured_outputs check on an
-    integer) into a 400, where FastAPI would answer 500. Pydantic's own errors pass through to
-    FastAPI, which reports them with field locations."""
-
-    async def check(raw_request: Request) -> None:
-        try:
-            body = await raw_request.json()
-        except Exception:  # malformed JSON: FastAPI reports it
-            return
-        try:
-            model.model_validate(body)
-        except ValidationError:
-            return
-        except Exception as error:
-            raise RequestValidationError([{"type": "value_error", "loc": ("body",), "input": None,
-                                           "msg": f"invalid request: {error}"}]) from None
-
-    return Depends(check)
-
-
-def endpoint_label(path: str) -> str:
-    """A bounded label set: unknown paths collapse to "other"."""
-    known = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/routing", "/health", "/metrics")
-    if path in known:
-        return path
-    return "/admin" if path.startswith("/admin/") else "other"
+    audit_path: str | None = None  # absolute, resolved on the driver
 
 
 @serve.deployment(max_ongoing_requests=256, health_check_period_s=10, health_check_timeout_s=60)
@@ -156,6 +87,17 @@ class Gateway:
         self.settings, self.config = settings, settings.config
         self.name = settings.served_model_name
         self.metrics = gateway_metrics()
+        self.keys = KeyChecker(settings.user_key_digests, settings.admin_key_digest,
+                               self.config.allow_unauthenticated)
+        self.limiter = KeyLimiter(self.config.limits.for_key)  # per replica
+        self.audit = None
+        if settings.audit_path:
+            path = settings.audit_path
+            if self.config.num_replicas > 1:  # one file per replica: rotation is not multi-process safe
+                path += "." + serve.get_replica_context().replica_id.unique_id
+            audit = self.config.audit
+            self.audit = AuditLog(path, max_bytes=audit.max_bytes, backup_count=audit.backup_count,
+                                  include_prompts=audit.include_prompts)
         args = vllm_parser().parse_args(["--model", settings.checkpoint,
                                          "--served-model-name", settings.served_model_name])
         for key, value in self.config.engine_options().items():
@@ -194,29 +136,7 @@ class Gateway:
     def __serve_build_asgi_app__(self):
         return self.http_app
 
-    # ---- auth and metrics helpers (used by the middleware) ----
-
-    def authorize(self, path: str, header: bytes) -> JSONResponse | None:
-        if path in PUBLIC_PATHS:
-            return None
-        token = header.decode("latin-1")
-        token = token[7:].strip() if token[:7].lower() == "bearer " else ""
-        digest = key_digest(token) if token else ""
-        is_admin = bool(self.settings.admin_key_digest) and hmac.compare_digest(
-            digest, self.settings.admin_key_digest)
-        is_user = any(hmac.compare_digest(digest, d) for d in self.settings.user_key_digests)
-        if path.startswith("/admin"):
-            if is_admin:
-                return None
-            if self.settings.admin_key_digest is None:
-                return openai_error(403, "admin endpoints are disabled: no admin key is configured")
-            if is_user:
-                return openai_error(403, "this endpoint needs the admin key, not a user key")
-            return openai_error(401, "missing or invalid admin key (Authorization: Bearer <key>)")
-        if is_user or is_admin or (not self.settings.user_key_digests and self.config.allow_unauthenticated):
-            return None
-        return openai_error(401, "missing or invalid API key (Authorization: Bearer <key>)",
-                            "invalid_request_error")
+    # ---- metrics helpers (used by the middleware) ----
 
     def count(self, path: str, code: int, elapsed: float) -> None:
         endpoint = endpoint_label(path)
@@ -288,21 +208,24 @@ class Gateway:
             raw_request.scope["headers"] = [(k, v) for k, v in raw_request.scope["headers"]
                                             if k != b"x-request-id"] + [(b"x-request-id", key.encode())]
             raw_request._headers = Headers(scope=raw_request.scope)  # Starlette caches headers
+        record = raw_request.scope.get("mesa")  # serving.routes.RequestLog
+        if record is not None and self.audit is not None and self.audit.include_prompts:
+            record.prompt = prompt_text(request)
         result = await create(request, raw_request)
         if isinstance(result, ErrorResponse):
             return JSONResponse(result.model_dump(), status_code=result.error.code)
         if isinstance(result, ChatCompletionResponse | CompletionResponse):
-            self._count_usage(result.usage)
+            self._count_usage(result.usage, record)
             body = result.model_dump()
             if key:
                 body["routing_summary"] = await self._request_summary(key)
             return JSONResponse(json_safe(body))
-        raw_request.scope["mesa_streaming"] = True
-        return StreamingResponse(self._stream(result, key), media_type="text/event-stream")
+        if record is not None:
+            record.streaming = True
+        stream = self._stream(result, key, raw_request, record)
+        return StreamingResponse(stream, media_type="text/event-stream")
 
-    async def _stream(self, chunks, key: str | None):
-        usage_seen = False
-        completion_chunks = 0
+    async def _stream(self, chunks, key: str | None, raw_request: Request, record=None):
         async for chunk in chunks:
             if chunk.startswith("data: [DONE]"):
                 if key:
@@ -310,25 +233,21 @@ class Gateway:
                                "routing_summary": await self._request_summary(key)}
                     yield f"data: {json.dumps(json_safe(summary))}\n\n"
                 break
-            if chunk.startswith("data: {") and '"usage":{' in chunk.replace(" ", ""):
-                usage = json.loads(chunk[6:]).get("usage")
-                if usage:
-                    self._count_usage(usage)
-                    usage_seen = True
-            else:
-                completion_chunks += 1
             yield chunk
-        if not usage_seen and completion_chunks:  # no usage asked for: one chunk per token
-            self.metrics.tokens.labels(self.name, "completion").inc(completion_chunks)
+        # vLLM's stream generator leaves the request's total usage (every choice, whether or not
+        # the client asked for a usage chunk) on the request state once the last token is out;
+        # None when the stream ended in an error.
+        metadata = getattr(raw_request.state, "request_metadata", None)
+        self._count_usage(getattr(metadata, "final_usage_info", None), record)
         yield "data: [DONE]\n\n"
 
-    def _count_usage(self, usage) -> None:
-        if usage is None:
-            return
-        get = usage.get if isinstance(usage, dict) else lambda k: getattr(usage, k, None)
-        for kind, name in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
-            if get(name):
-                self.metrics.tokens.labels(self.name, kind).inc(get(name))
+    def _count_usage(self, usage, record=None) -> None:
+        prompt, completion = usage_tokens(usage)
+        for kind, n in (("prompt", prompt), ("completion", completion)):
+            if n:
+                self.metrics.tokens.labels(self.name, kind).inc(n)
+        if record is not None:
+            record.prompt_tokens, record.completion_tokens = prompt, completion
 
     async def _request_summary(self, key: str) -> dict | None:
         hits = (await self.engine.collective_rpc("routing_pop_request", args=(key,)))[0]
@@ -400,40 +319,13 @@ class Gateway:
         await self.engine.check_health()
 
     def __del__(self):
+        if getattr(self, "audit", None) is not None:
+            self.audit.close()
         for task in (getattr(self, "_poller", None), getattr(self, "_probe_poller", None)):
             if task is not None:
                 task.cancel()
         if getattr(self, "engine", None) is not None:
             self.engine.shutdown()
-
-
-def create_app(gateway: Gateway) -> FastAPI:
-    """The replica's HTTP surface; routes are thin, the work is in Gateway's methods."""
-    app = FastAPI(title="MESA gateway", version="0.1.0",
-                  description="OpenAI-compatible gateway for MoE models with routing telemetry")
-    init_exception_handler(app)  # vLLM's handlers: every error in OpenAI's format, never a bare 500
-    app.add_middleware(GatewayMiddleware, gateway=gateway)
-    json_body = [Depends(validate_json_request)]
-
-    @app.post("/v1/chat/completions", dependencies=json_body + [guard_validation(ChatCompletionRequest)])
-    async def chat_completions(request: ChatCompletionRequest, raw_request: Request):
-        return await gateway.generate(request, raw_request,
-                                      gateway.state.openai_serving_chat.create_chat_completion)
-
-    @app.post("/v1/completions", dependencies=json_body + [guard_validation(CompletionRequest)])
-    async def completions(request: CompletionRequest, raw_request: Request):
-        return await gateway.generate(request, raw_request,
-                                      gateway.state.openai_serving_completion.create_completion)
-
-    app.get("/v1/models")(gateway.models)
-    app.get("/health")(gateway.health)
-    app.get("/metrics")(gateway.prometheus_metrics)
-    app.get("/v1/routing")(gateway.routing)
-    app.post("/admin/telemetry/reset")(gateway.reset_telemetry)
-    app.get("/admin/config")(gateway.admin_config)
-    app.post("/admin/probes")(gateway.start_probes)
-    app.get("/admin/probes")(gateway.probes)
-    return app
 
 
 def gateway_settings(args: dict, log=print) -> GatewaySettings:
@@ -442,7 +334,18 @@ def gateway_settings(args: dict, log=print) -> GatewaySettings:
     checkpoint, name = resolve_model(config, log=log)
     users, admin = resolve_keys(config)
     safety, source = resolve_safety_experts(config.telemetry, checkpoint)
-    return GatewaySettings(config, checkpoint, name, users, admin, safety, source)
+    check_limit_keys(config, users, admin)
+    if users:  # what limits.keys, metrics and the audit log call each key
+        log(f"[serve] user key ids: {', '.join(sorted(digest_key_id(d) for d in users))}")
+    audit_path = None
+    if config.audit.path:  # replicas may run in another directory
+        audit_path = Path(config.audit.path).expanduser().resolve()
+        if audit_path.is_dir():
+            raise ValueError(f"audit.path is a directory, not a file: {audit_path}")
+        audit_path.parent.mkdir(parents=True, exist_ok=True)
+        audit_path.open("a").close()  # not writable: an OSError now, not in the replica
+        audit_path = str(audit_path)
+    return GatewaySettings(config, checkpoint, name, users, admin, safety, source, audit_path)
 
 
 def gateway_application(settings: GatewaySettings) -> serve.Application:

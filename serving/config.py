@@ -7,12 +7,14 @@ against vLLM's argument parser, so the gateway runs the engine exactly as `vllm 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from serving.protocol import digest_key_id, key_digest
 
 # What the CPU organism needs on this machine (DESIGN.md section 3); real-model configs override.
 DEFAULT_ENGINE = {
@@ -64,6 +66,52 @@ class ProbeConfig(BaseModel):
         return suite
 
 
+class KeyLimits(BaseModel):
+    """Per-minute budgets of one key; None: no limit."""
+
+    model_config = ConfigDict(extra="forbid")
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)  # prompt + completion tokens
+
+
+class LimitsConfig(KeyLimits):
+    """Per-key limits (`serving.limits`), enforced per replica on the generation endpoints. The
+    top-level values apply to every user key; `keys` overrides them for single keys, named by
+    key id (`serving.protocol.key_id`: never the key itself). Off by default."""
+
+    keys: dict[str, KeyLimits] = Field(default_factory=dict)
+
+    @field_validator("keys")
+    @classmethod
+    def _key_ids_look_right(cls, keys: dict) -> dict:
+        bad = sorted(k for k in keys if not re.fullmatch(r"[0-9a-f]{8}", k))
+        if bad:
+            raise ValueError(f"limits.keys must be key ids, not keys: 8 lowercase hex characters, the "
+                             f"first 8 of the key's SHA-256 (`mesa-serve` prints them), got {bad}")
+        return keys
+
+    def for_key(self, key_id: str) -> tuple[int | None, int | None]:
+        """(requests per minute, tokens per minute) of a key: an override replaces only the
+        fields it sets (null there lifts that limit for the key)."""
+        rpm, tpm = self.requests_per_minute, self.tokens_per_minute
+        override = self.keys.get(key_id)
+        if override is not None:
+            fields = override.model_fields_set
+            rpm = override.requests_per_minute if "requests_per_minute" in fields else rpm
+            tpm = override.tokens_per_minute if "tokens_per_minute" in fields else tpm
+        return rpm, tpm
+
+
+class AuditConfig(BaseModel):
+    """The audit log (`serving.audit`): one JSON line per finished request, size-based rotation."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str | None = None  # None: no audit log
+    max_bytes: int = Field(10 * 2**20, ge=1024)  # rotate when the file would grow past this
+    backup_count: int = Field(5, ge=0)  # rotated files kept (path.1 ... path.N)
+    include_prompts: bool = False  # prompt text in the log: opt in only where policy allows it
+
+
 class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # "organism" (built and cached on first use), a checkpoint directory, or a hub id.
@@ -80,6 +128,8 @@ class GatewayConfig(BaseModel):
     engine: dict = Field(default_factory=dict)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     probes: ProbeConfig = Field(default_factory=ProbeConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
@@ -114,11 +164,6 @@ def vllm_parser():
     return make_arg_parser(FlexibleArgumentParser())
 
 
-def key_digest(key: str) -> str:
-    """Keys are compared by SHA-256 digest, so replicas never hold the keys themselves."""
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
 class AuthError(ValueError):
     """No usable credentials were configured."""
 
@@ -139,6 +184,20 @@ def resolve_keys(config: GatewayConfig, environ=os.environ) -> tuple[frozenset[s
         if len(key) < 8:
             raise AuthError("API keys must be at least 8 characters long")
     return frozenset(key_digest(k) for k in users), (key_digest(admin) if admin else None)
+
+
+def check_limit_keys(config: GatewayConfig, users: frozenset[str], admin: str | None) -> None:
+    """Per-key overrides must name configured user keys, and key ids must tell keys apart."""
+    ids = [digest_key_id(d) for d in users]
+    if len(set(ids)) != len(ids):
+        raise ValueError("two API keys share a key id (the first 8 hex characters of their SHA-256): "
+                         "replace one of them")
+    unknown = sorted(set(config.limits.keys) - set(ids))
+    if admin and digest_key_id(admin) in unknown:
+        raise ValueError(f"limits.keys.{digest_key_id(admin)} is the admin key, which is never limited")
+    if unknown:
+        raise ValueError(f"limits.keys: no configured user key has the key id(s) {unknown} "
+                         "(key id: the first 8 hex characters of the key's SHA-256)")
 
 
 def resolve_model(config: GatewayConfig, log=print) -> tuple[str, str]:

@@ -27,6 +27,16 @@ class GatewayMetrics:
         self.tokens = Counter(
             "mesa_gateway_tokens", "Tokens in answered requests (prompt / completion, from usage)",
             ["model", "kind"], registry=r)
+        # Per API key, labelled by key id (serving.protocol.key_id: a digest prefix, never the key).
+        self.key_requests = Counter(
+            "mesa_gateway_key_requests", "Requests per API key id, by status code (429: over a "
+            "per-key limit)", ["model", "key_id", "code"], registry=r)
+        self.key_tokens = Counter(
+            "mesa_gateway_key_tokens", "Tokens per API key id (prompt / completion, from usage)",
+            ["model", "key_id", "kind"], registry=r)
+        self.key_rate_limited = Counter(
+            "mesa_gateway_key_rate_limited", "Requests refused with 429 per API key id, by the limit "
+            "hit (requests / tokens per minute)", ["model", "key_id", "limit"], registry=r)
         self.in_flight = Gauge(
             "mesa_gateway_requests_in_flight", "Requests being answered", ["model"], registry=r)
         self.expert_tokens = Counter(

@@ -216,7 +216,7 @@ def test_prometheus_config_and_alert_rules_pass_promtool():
 def test_keys_judge_the_path_inside_an_application_with_a_route_prefix():
     """Serve keeps the full path and puts the application's route_prefix in root_path: an admin
     endpoint under /aligned must still need the admin key."""
-    from serving.app import route_path
+    from serving.auth import route_path
 
     assert route_path({"path": "/aligned/admin/probes", "root_path": "/aligned"}) == "/admin/probes"
     assert route_path({"path": "/aligned", "root_path": "/aligned"}) == "/"
