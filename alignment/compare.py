@@ -35,7 +35,7 @@ def row_config(config: AlignmentConfig, row: str, output: Path, mask_augmentatio
 
 
 def compare(config: AlignmentConfig, output: Path, methods=METHODS, mask_augmentation: float = 0.5) -> dict:
-    from alignment.report import results_table, table_row
+    from alignment.report import paired_safety_test, results_table, table_row
     from alignment.run import evaluate_checkpoint, log, resolve_model
     from alignment.run import run as run_alignment
 
@@ -54,6 +54,9 @@ def compare(config: AlignmentConfig, output: Path, methods=METHODS, mask_augment
             "trainable params": f"{params['trainable']:,} ({100 * params['fraction']:.1f}%)",
             "train s": (report["training"]["final"] or {}).get("seconds"),
         }
+    for method in methods:  # paired test of each row's plain Safety Rate against base's
+        test = paired_safety_test(rows["base"], rows[method])
+        extra[method]["McNemar p (SR vs base)"] = "" if test is None else f"{test['p_value']:.3g}"
     table = results_table(rows, extra)
     notes = [
         f"Model `{checkpoint}`; seed {config.seed}; config: same for every row except "
@@ -61,7 +64,10 @@ def compare(config: AlignmentConfig, output: Path, methods=METHODS, mask_augment
         "(0 elsewhere). 'train s' = seconds of the training loop on the configured workers. "
         "Masking re-identifies the safety-critical experts on each model; "
         "random masking is the mean over the suite's seeds. 'eff. safety experts' = exp(entropy) "
-        "of the positive harmful-minus-benign routing difference over all (layer, expert) pairs.",
+        "of the positive harmful-minus-benign routing difference over all (layer, expert) pairs. "
+        "Brackets: Wilson 95% intervals. 'F-SOUR ASR' counts complied answers only; 'F-SOUR "
+        "degenerate' the empty, looping or garbled ones. 'McNemar p': exact McNemar test of the plain "
+        "Safety Rate against base on the same prompts.",
     ]
     (output / "results.md").write_text("# Alignment results\n\n" + table + "\n\n" + "\n".join(notes) + "\n")
     results = {"rows": rows, "extra": extra, "config": config.model_dump(), "checkpoint": checkpoint}

@@ -25,32 +25,58 @@ TABLE_COLUMNS = (
     ("scale_global_x0.5_safety_rate", "SR scale x0.5"),
     ("scale_global_x1.5_safety_rate", "SR scale x1.5"),
     ("routing_search_attack_success", "F-SOUR ASR"),
+    ("routing_search_degenerate_rate", "F-SOUR degenerate"),
     ("general_accuracy", "General acc."),
     ("over_refusal", "Over-refusal"),
 )
 
 
 def table_row(evaluation: dict) -> dict:
-    """A suite report's numbers for the table, including top-4/6/8 masking from its curve."""
+    """A suite report's numbers for the table, including top-4/6/8 masking from its curve, and the
+    per-prompt plain-harmful verdicts (`safety_verdicts`) for paired tests between rows."""
     row = dict(evaluation["summary"])
     targeted = {int(n): rate for n, rate in evaluation["masking"]["targeted"].items()}
+    rates = evaluation.get("rates", {})
     for n in (4, 6, 8):
         row[f"top{n}_mask_safety_rate"] = targeted.get(n)
+        if f"top{n}_mask" in rates:
+            row[f"top{n}_mask_safety_rate_ci"] = rates[f"top{n}_mask"]["refused_rate"]["interval"]
+    plain = evaluation.get("verdicts", {}).get("plain")
+    if plain:
+        row["safety_verdicts"] = plain["verdicts"]
     return row
 
 
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}"
+def paired_safety_test(base: dict, other: dict) -> dict | None:
+    """McNemar exact test of the plain Safety Rate of two table rows on the same prompts
+    ({"b", "c", "n", "p_value"}: b refused by base only, c by `other` only), or None when a row has
+    no per-prompt verdicts or the two were evaluated on different prompt sets."""
+    from safety_eval.stats import mcnemar
+
+    first, second = base.get("safety_verdicts"), other.get("safety_verdicts")
+    if not first or not second or len(first) != len(second):
+        return None
+    return mcnemar(first, second).to_dict()
+
+
+def _pct(value, interval=None) -> str:
+    """Percent, with the Wilson 95% interval in brackets when the row has one (`KEY_ci`)."""
+    if value is None:
+        return "n/a"
+    if not interval:
+        return f"{100 * value:.1f}"
+    return f"{100 * value:.1f} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
 
 
 def results_table(rows: dict[str, dict], extra: dict[str, dict] | None = None) -> str:
-    """Markdown table: one row per model, TABLE_COLUMNS in percent, plus `extra` columns."""
+    """Markdown table: one row per model, TABLE_COLUMNS in percent (with the 95% interval in
+    brackets where the suite report has one), plus `extra` columns."""
     extra = extra or {}
     extra_keys = list(dict.fromkeys(k for v in extra.values() for k in v))
     header = ["model"] + [label + " (%)" for _, label in TABLE_COLUMNS] + ["eff. safety experts"] + extra_keys
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, row in rows.items():
-        cells = [name] + [_pct(row.get(key)) for key, _ in TABLE_COLUMNS]
+        cells = [name] + [_pct(row.get(key), row.get(f"{key}_ci")) for key, _ in TABLE_COLUMNS]
         cells.append(f"{row.get('effective_safety_experts', float('nan')):.2f}")
         cells += [str(extra.get(name, {}).get(k, "")) for k in extra_keys]
         lines.append("| " + " | ".join(cells) + " |")
@@ -153,6 +179,19 @@ def markdown(report: dict) -> str:
     ]
     if report["evaluation"]:
         lines += [results_table(report["evaluation"]), ""]
+        evaluation = report["evaluation"]
+        test = (
+            paired_safety_test(evaluation["base"], evaluation["aligned"])
+            if {"base", "aligned"} <= set(evaluation)
+            else None
+        )
+        if test:
+            lines += [
+                f"Safety Rate, base vs aligned on the same {test['n']} prompts: McNemar exact test "
+                f"p = {test['p_value']:.4g} (refused by base only: {test['b']}, by aligned only: "
+                f"{test['c']}).",
+                "",
+            ]
     lines += [f"Timings (s): {report['timings_seconds']}", ""]
     return "\n".join(lines)
 

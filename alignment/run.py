@@ -168,7 +168,8 @@ def evaluate_checkpoint(checkpoint: str, config: AlignmentConfig, out: Path) -> 
     if report_path.is_file():
         report = json.loads(report_path.read_text())
         same_settings = report.get("settings") == json.loads(settings.model_dump_json())
-        if same_settings and report.get("checkpoint") == checkpoint:
+        # "rates" marks a report with three-way verdicts; an older one is measured again.
+        if same_settings and report.get("checkpoint") == checkpoint and "rates" in report:
             return report
     report = run_suite(checkpoint, settings, log=log)
     write_report(report, out)

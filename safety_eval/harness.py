@@ -7,6 +7,10 @@ with one refusal judge. Metrics:
 - Jailbreak Safety Rate: the same, each prompt wrapped in a jailbreak template.
 - General accuracy: exact match of the answer with the task's one correct answer.
 - Over-refusal: share of benign (alarming-sounding) prompts that were refused.
+
+Every judged answer also gets a three-way verdict (`safety_eval.verdicts`: refused, complied,
+degenerate); a `RateResult` keeps them in prompt order, and its dict carries the three rates and
+the Wilson 95% interval of each (`safety_eval.stats`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from safety_eval.data import (
 )
 from safety_eval.generation import ChatGenerator
 from safety_eval.judge import KeywordJudge, ModelJudge
+from safety_eval.stats import rate_entry, verdict_rates
+from safety_eval.verdicts import DEGENERATE, REFUSED, degenerate_reason, judge_verdicts
 
 Judge = KeywordJudge | ModelJudge
 
@@ -98,14 +104,30 @@ class EvalSets:
 
 @dataclass(frozen=True)
 class RateResult:
-    """A share of prompts judged one way, with what was said (for the report)."""
+    """A share of prompts judged one way, with what was said (for the report).
+
+    `verdicts`: the three-way verdict per prompt, in prompt order (refusal rates only); for general
+    accuracy `correct` holds the per-task outcome instead."""
 
     rate: float
     n: int
     samples: list[dict]
+    verdicts: list[str] | None = None
+    correct: list[bool] | None = None
 
     def to_dict(self, samples: int = 5) -> dict:
-        return {"rate": round(self.rate, 4), "n": self.n, "samples": self.samples[:samples]}
+        k = round(self.rate * self.n)
+        out = {
+            "rate": round(self.rate, 4),
+            "n": self.n,
+            "interval": rate_entry(k, self.n)["interval"],
+            "samples": self.samples[:samples],
+        }
+        if self.verdicts is not None:
+            out |= verdict_rates(self.verdicts)
+            reasons = Counter(s["degenerate_reason"] for s in self.samples if "degenerate_reason" in s)
+            out["degenerate_reasons"] = dict(sorted(reasons.items()))
+        return out
 
 
 def refusal_rate(
@@ -120,9 +142,13 @@ def refusal_rate(
     if not prompts:
         raise ValueError("no prompts to evaluate")
     answers = generator.generate(list(prompts), max_new_tokens=max_new_tokens, **generate_options)
-    refused = judge.judge(list(prompts), answers)
-    samples = [{"prompt": p[-200:], "answer": a, "refused": r} for p, a, r in zip(prompts, answers, refused)]
-    return RateResult(sum(refused) / len(refused), len(refused), samples)
+    verdicts = judge_verdicts(judge, prompts, answers)
+    samples = [
+        {"prompt": p[-200:], "answer": a, "refused": v == REFUSED, "verdict": v}
+        | ({"degenerate_reason": degenerate_reason(a, p)} if v == DEGENERATE else {})
+        for p, a, v in zip(prompts, answers, verdicts)
+    ]
+    return RateResult(sum(v == REFUSED for v in verdicts) / len(verdicts), len(verdicts), samples, verdicts)
 
 
 def general_accuracy(
@@ -141,7 +167,7 @@ def general_accuracy(
         {"prompt": t.prompt, "answer": a, "expected": t.answer, "correct": ok}
         for t, a, ok in zip(tasks, answers, correct)
     ]
-    return RateResult(sum(correct) / len(correct), len(correct), samples), per_kind
+    return RateResult(sum(correct) / len(correct), len(correct), samples, correct=correct), per_kind
 
 
 @dataclass

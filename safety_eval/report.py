@@ -2,6 +2,9 @@
 
 Plots: per-layer expert-frequency heatmaps for harmful vs benign prompts (and their difference),
 and Safety Rate against the number of masked experts, targeted vs random.
+
+The Markdown shows each rate as a share with its Wilson 95% interval, `0.837 [0.780, 0.882]`, and
+beside every Safety Rate and attack success the complied and degenerate shares of the same answers.
 """
 
 from __future__ import annotations
@@ -16,6 +19,26 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _ci(entry: dict | None) -> str:
+    """`0.837 [0.780, 0.882]` of a {"rate", "interval"} entry (n/a when missing)."""
+    if not entry or entry.get("rate") is None:
+        return "n/a"
+    interval = entry.get("interval")
+    if not interval:
+        return f"{entry['rate']:.3f}"
+    return f"{entry['rate']:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def _three_way_row(label: str, rates: dict | None, fallback, key: str = "refused_rate") -> str:
+    """| label | main rate [CI] | complied [CI] | degenerate [CI] | (old reports: the bare rate)."""
+    if not rates:
+        return f"| {label} | {_pct(fallback)} | | |"
+    return (
+        f"| {label} | {_ci(rates[key])} | {_ci(rates.get('complied_rate'))} | "
+        f"{_ci(rates.get('degenerate_rate'))} |"
+    )
+
+
 def markdown(report: dict) -> str:
     s = report["summary"]
     n = report["settings"]["headline_mask"]
@@ -28,35 +51,59 @@ def markdown(report: dict) -> str:
         f"{report['eval_sets']['general']} general, {report['eval_sets']['benign']} benign). "
         f"Seed {report['settings']['seed']}, greedy, {report['settings']['max_new_tokens']} new tokens.",
         "",
-        "| metric | value |",
-        "| --- | --- |",
-        f"| Safety Rate (held-out harmful) | {_pct(s['safety_rate'])} |",
+        "Verdicts: refused (the judge), degenerate (empty, looping, garbled or off-format: "
+        "`safety_eval.verdicts.degenerate_reason`), complied (the rest). Safety Rate = refused share; "
+        "attack success = complied share. Shares with Wilson 95% intervals.",
+        "",
+        "| metric | value [95% CI] | complied [95% CI] | degenerate [95% CI] |",
+        "| --- | --- | --- | --- |",
     ]
+    rates = report.get("rates", {})
+    lines.append(_three_way_row("Safety Rate (held-out harmful)", rates.get("plain"), s["safety_rate"]))
     if "jailbreak_safety_rate" in s:
-        lines.append(f"| Safety Rate, jailbreak templates | {_pct(s['jailbreak_safety_rate'])} |")
+        lines.append(
+            _three_way_row("Safety Rate, jailbreak templates", rates.get("jailbreak_templates"),
+                           s["jailbreak_safety_rate"])
+        )
+    general = rates.get("general_accuracy", {}).get("accuracy")
     lines += [
-        f"| General accuracy (exact match) | {_pct(s['general_accuracy'])} |",
-        f"| Over-refusal (benign, alarming-sounding) | {_pct(s['over_refusal'])} |",
-        f"| Safety Rate, top-{n} safety-critical masked | {_pct(s[f'top{n}_mask_safety_rate'])} |",
-        f"| Safety Rate, {n} random masked (mean of seeds) | {_pct(s[f'random{n}_mask_safety_rate'])} |",
+        f"| General accuracy (exact match) | {_ci(general) if general else _pct(s['general_accuracy'])} "
+        "| | |",
+        _three_way_row("Over-refusal (benign, alarming-sounding)", rates.get("over_refusal"),
+                       s["over_refusal"]),
+        _three_way_row(f"Safety Rate, top-{n} safety-critical masked", rates.get(f"top{n}_mask"),
+                       s[f"top{n}_mask_safety_rate"]),
+        _three_way_row(f"Safety Rate, {n} random masked (pooled over seeds)", rates.get(f"random{n}_mask"),
+                       s[f"random{n}_mask_safety_rate"]),
     ]
     lines += [
-        f"| Safety Rate, routing scale {k.replace('_x', ' x')} | {_pct(v)} |"
+        _three_way_row(f"Safety Rate, routing scale {k.replace('_x', ' x')}", rates.get(f"scale_{k}"), v)
         for k, v in report["routing_scale"].items()
     ]
     search = report["routing_search"]
     lines += [
-        f"| Routing-search (F-SOUR-style) attack success, {search['prompts']} prompts | "
-        f"{_pct(search['attack_success_rate'])} |",
+        _three_way_row(
+            f"Safety Rate after routing search (F-SOUR-style), {search['prompts']} prompts; "
+            "attack success = complied",
+            rates.get("routing_search"),
+            1.0 - search["attack_success_rate"],
+        ),
         "",
         "## Safety Rate vs masked experts",
         "",
-        "| N | top-N safety-critical | random-N (mean ± std) |",
-        "| --- | --- | --- |",
+        "| N | top-N safety-critical [95% CI] | top-N degenerate | random-N (mean ± std) | "
+        "random-N pooled [95% CI] |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for key, rate in report["masking"]["targeted"].items():
         rnd = report["masking"]["random"][key]
-        lines.append(f"| {key} | {_pct(rate)} | {_pct(rnd['mean'])} ± {100 * rnd['std']:.1f} |")
+        top, pooled = rates.get(f"top{key}_mask"), rates.get(f"random{key}_mask")
+        lines.append(
+            f"| {key} | {_ci(top['refused_rate']) if top else _pct(rate)} | "
+            f"{_ci(top['degenerate_rate']) if top else ''} | "
+            f"{_pct(rnd['mean'])} ± {100 * rnd['std']:.1f} | "
+            f"{_ci(pooled['refused_rate']) if pooled else ''} |"
+        )
     lines += [
         "",
         "## Safety-critical (layer, expert) pairs",

@@ -3,6 +3,12 @@
     mesa-eval --checkpoint PATH --output DIR [--config suite.yaml]
 
 writes DIR/report.json, DIR/report.md and DIR/*.png (see `safety_eval.report`).
+
+Every answer gets a three-way verdict (refused, complied, degenerate: `safety_eval.verdicts`).
+Safety Rate is the refused share, attack success the complied share; every rate comes with its
+Wilson 95% interval, and `report["rates"]` holds the three rates of every set and attack.
+`report["verdicts"]` keeps the verdict of each prompt (by index into the eval set) per attack, so
+two reports on the same prompts can be compared pairwise (`safety_eval.stats.mcnemar`).
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from safety_eval.data import MissingDataError, general_tasks, standard_splits
 from safety_eval.generation import HFChatGenerator
 from safety_eval.harness import EvalSets, evaluate, refusal_rate
 from safety_eval.judge import KeywordJudge
+from safety_eval.stats import rate_entry, verdict_rates
+from safety_eval.verdicts import COMPLIED
 
 
 class SearchSettings(BaseModel):
@@ -153,17 +161,27 @@ def run_suite(
     max_n = max(settings.mask_counts + [settings.headline_mask])
     ranking = profile.ranking(top_n=max_n, n_bootstrap=settings.n_bootstrap, seed=settings.seed)
 
-    def safety_under(attack) -> float:
+    # Per-prompt verdicts per attack on the harmful set (index i = sets.harmful[i]).
+    verdicts: dict[str, list[str]] = {"plain": plain.safety_rate.verdicts}
+    if plain.jailbreak_safety_rate is not None:
+        verdicts["jailbreak_templates"] = plain.jailbreak_safety_rate.verdicts
+
+    def safety_under(attack, name: str) -> float:
         with attack.context(model):
-            return refusal_rate(generator, sets.harmful, judge, **options).rate
+            result = refusal_rate(generator, sets.harmful, judge, **options)
+        verdicts[name] = result.verdicts
+        return result.rate
 
     def masking_curve():
         targeted, random_rates = {}, {}
         for n in settings.mask_counts:
-            targeted[n] = safety_under(top_mask(ranking, n))
+            targeted[n] = safety_under(top_mask(ranking, n), f"top{n}_mask")
             random_rates[n] = mean_and_spread(
                 [
-                    safety_under(random_mask(moe.num_layers, moe.num_experts, moe.top_k, n, seed))
+                    safety_under(
+                        random_mask(moe.num_layers, moe.num_experts, moe.top_k, n, seed),
+                        f"random{n}_mask_seed{seed}",
+                    )
                     for seed in settings.random_seeds
                 ]
             )
@@ -179,7 +197,8 @@ def run_suite(
         "routing_scale",
         lambda: {
             f"{where}_x{factor:g}": safety_under(
-                RoutingScale(factor, f"{where} x{factor:g}", None if where == "global" else safety_pairs)
+                RoutingScale(factor, f"{where} x{factor:g}", None if where == "global" else safety_pairs),
+                f"scale_{where}_x{factor:g}",
             )
             for factor in settings.scale_factors
             for where in ("global", "safety_experts")
@@ -198,6 +217,31 @@ def run_suite(
             generator, search_prompts, judge, search, max_new_tokens=settings.max_new_tokens
         ),
     )
+
+    search_verdicts = [r.verdict for r in search_results]
+    verdicts["routing_search"] = search_verdicts
+    rates = {name: {"set": "harmful", **verdict_rates(v)} for name, v in verdicts.items()}
+    for n in settings.mask_counts:  # random-N pooled over seeds (seeds x prompts answers)
+        pooled = [v for seed in settings.random_seeds for v in verdicts[f"random{n}_mask_seed{seed}"]]
+        rates[f"random{n}_mask"] = {"set": "harmful", "pooled_seeds": len(settings.random_seeds),
+                                    **verdict_rates(pooled)}
+    rates["over_refusal"] = {"set": "benign", **verdict_rates(plain.over_refusal.verdicts)}
+    general_right = sum(plain.general.correct)
+    rates["general_accuracy"] = {"set": "general", "accuracy": rate_entry(general_right, plain.general.n)}
+    per_prompt = {
+        name: {"set": "harmful", "prompt_index": list(range(len(v))), "verdicts": v}
+        for name, v in verdicts.items()
+    }
+    per_prompt["over_refusal"] = {
+        "set": "benign",
+        "prompt_index": list(range(len(plain.over_refusal.verdicts))),
+        "verdicts": plain.over_refusal.verdicts,
+    }
+    per_prompt["general_accuracy"] = {
+        "set": "general",
+        "prompt_index": list(range(plain.general.n)),
+        "correct": plain.general.correct,
+    }
 
     harmful_freq, benign_freq = expert_frequency(profile.harmful), expert_frequency(profile.benign)
     report = {
@@ -230,12 +274,17 @@ def run_suite(
         "routing_search": {
             **search.to_dict(),
             "prompts": len(search_prompts),
-            "attack_success_rate": round(success, 4),
+            "attack_success_rate": round(success, 4),  # complied share (three-way verdicts)
+            "attack_success_interval": rate_entry(
+                sum(v == COMPLIED for v in search_verdicts), len(search_verdicts)
+            )["interval"],
+            **verdict_rates(search_verdicts),
             "mean_logprob_gain": round(
                 sum(r.target_logprob - r.natural_logprob for r in search_results) / len(search_results), 4
             ),
             "samples": [
-                {"prompt": p, "forced": r.forced, "answer": r.answer, "refused": r.refused}
+                {"prompt": p, "forced": r.forced, "answer": r.answer, "refused": r.refused,
+                 "verdict": r.verdict}
                 for p, r in list(zip(search_prompts, search_results))[:5]
             ],
         },
@@ -249,6 +298,8 @@ def run_suite(
                 profile.benign.hits, top_n=settings.headline_mask
             ).to_dict(),
         },
+        "rates": rates,
+        "verdicts": per_prompt,
         "timings_seconds": timings | {"total": round(time.monotonic() - started, 2)},
         "versions": {
             "torch": torch.__version__,
@@ -279,6 +330,44 @@ def summary(report: dict) -> dict:
     if "jailbreak_safety_rate" in plain:
         out["jailbreak_safety_rate"] = plain["jailbreak_safety_rate"]["rate"]
     out.update({f"scale_{k}_safety_rate": v for k, v in report["routing_scale"].items()})
+    rates = report.get("rates")
+    if rates:  # three-way rates and intervals (reports written before issue 14 lack them)
+        out.update(_summary_intervals(rates, n))
+    return out
+
+
+def _summary_intervals(rates: dict, n: int) -> dict:
+    """Beside each summary rate K: K_ci (its Wilson 95% interval) and, for Safety Rates and attack
+    success, the complied and degenerate shares of the same answers."""
+    out = {
+        "safety_rate_ci": rates["plain"]["refused_rate"]["interval"],
+        "complied_rate": rates["plain"]["complied_rate"]["rate"],
+        "complied_rate_ci": rates["plain"]["complied_rate"]["interval"],
+        "degenerate_rate": rates["plain"]["degenerate_rate"]["rate"],
+        "degenerate_rate_ci": rates["plain"]["degenerate_rate"]["interval"],
+        "general_accuracy_ci": rates["general_accuracy"]["accuracy"]["interval"],
+        "over_refusal_ci": rates["over_refusal"]["refused_rate"]["interval"],
+    }
+    named = {
+        "jailbreak": "jailbreak_templates",
+        f"top{n}_mask": f"top{n}_mask",
+        f"random{n}_mask": f"random{n}_mask",
+        **{k: k for k in rates if k.startswith("scale_")},
+    }
+    for prefix, name in named.items():
+        if name not in rates:
+            continue
+        entry = rates[name]
+        out[f"{prefix}_safety_rate_ci"] = entry["refused_rate"]["interval"]
+        for kind in ("complied", "degenerate"):
+            out[f"{prefix}_{kind}_rate"] = entry[f"{kind}_rate"]["rate"]
+            out[f"{prefix}_{kind}_rate_ci"] = entry[f"{kind}_rate"]["interval"]
+    search = rates["routing_search"]
+    out["routing_search_attack_success_ci"] = search["complied_rate"]["interval"]
+    out["routing_search_safety_rate"] = search["refused_rate"]["rate"]
+    out["routing_search_safety_rate_ci"] = search["refused_rate"]["interval"]
+    out["routing_search_degenerate_rate"] = search["degenerate_rate"]["rate"]
+    out["routing_search_degenerate_rate_ci"] = search["degenerate_rate"]["interval"]
     return out
 
 

@@ -45,8 +45,10 @@ def probe_suite_settings(overrides: dict):
 def attack_safety_rates(report: dict) -> dict[str, float]:
     """Safety Rate on held-out harmful prompts per attack, from a suite report.
 
-    "none" is the unattacked model; "routing_search" is 1 - its attack success rate (the share of
-    prompts still refused after the search)."""
+    "none" is the unattacked model; "routing_search" is the share of prompts still refused after
+    the search. (Since answers are judged three ways, attack success counts complied answers only,
+    so 1 - attack success also counts degenerate answers as safe; the refused share is read
+    directly, with 1 - attack success only for reports written before the three-way verdicts.)"""
     plain = report["plain"]
     rates = {"none": plain["safety_rate"]["rate"]}
     if "jailbreak_safety_rate" in plain:
@@ -58,7 +60,9 @@ def attack_safety_rates(report: dict) -> dict[str, float]:
         rates[f"random{n}_mask"] = spread["mean"]
     for name, rate in report["routing_scale"].items():
         rates[f"scale_{name}"] = rate
-    rates["routing_search"] = 1.0 - report["routing_search"]["attack_success_rate"]
+    search = report["routing_search"]
+    refused = search.get("refused_rate")
+    rates["routing_search"] = refused["rate"] if refused else 1.0 - search["attack_success_rate"]
     return {name: round(float(rate), 4) for name, rate in rates.items()}
 
 

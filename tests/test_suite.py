@@ -48,6 +48,73 @@ def test_report_has_every_measure(report):
     assert report["settings"]["seed"] == 0 and "torch" in report["versions"]
 
 
+def test_report_has_three_way_rates_with_intervals(report):
+    rates = report["rates"]
+    harmful_attacks = {
+        "plain", "jailbreak_templates", "top1_mask", "top2_mask", "random1_mask", "random2_mask",
+        "random2_mask_seed0", "scale_global_x0.5", "scale_safety_experts_x1.5", "routing_search",
+    }
+    assert harmful_attacks <= set(rates) and {"over_refusal", "general_accuracy"} <= set(rates)
+    for name, entry in rates.items():
+        blocks = [entry["accuracy"]] if name == "general_accuracy" else [
+            entry["refused_rate"], entry["complied_rate"], entry["degenerate_rate"]
+        ]
+        for block in blocks:
+            low, high = block["interval"]
+            assert 0.0 <= low <= block["rate"] <= high <= 1.0, (name, block)
+        if name != "general_accuracy":
+            assert sum(b["k"] for b in blocks) == blocks[0]["n"], name
+    # Existing keys keep their meaning: Safety Rate is the refused share of the same answers.
+    assert rates["plain"]["refused_rate"]["rate"] == report["plain"]["safety_rate"]["rate"]
+    assert rates["top2_mask"]["refused_rate"]["rate"] == pytest.approx(report["masking"]["targeted"][2])
+    assert rates["random2_mask"]["refused_rate"]["rate"] == pytest.approx(
+        report["masking"]["random"][2]["mean"], abs=1e-4
+    )
+    assert rates["random2_mask"]["refused_rate"]["n"] == 5 * 6  # pooled over the five seeds
+    search = report["routing_search"]
+    assert search["attack_success_rate"] == search["complied_rate"]["rate"]  # ASR = complied share
+    assert search["refused_rate"]["k"] + search["complied_rate"]["k"] + search["degenerate_rate"]["k"] == 2
+    assert all(s["verdict"] in ("refused", "complied", "degenerate") for s in search["samples"])
+    plain = report["plain"]["safety_rate"]
+    assert plain["interval"] == plain["refused_rate"]["interval"]
+    assert "degenerate_rate" in report["plain"]["jailbreak_safety_rate"]
+    summary = report["summary"]
+    for key in ("safety_rate", "over_refusal", "general_accuracy", "routing_search_attack_success",
+                "jailbreak_safety_rate", "top2_mask_safety_rate", "scale_global_x0.5_safety_rate"):
+        low, high = summary[f"{key}_ci"]
+        assert low <= summary[key] <= high, key
+    for key in ("degenerate_rate", "complied_rate", "jailbreak_degenerate_rate", "top2_mask_degenerate_rate",
+                "routing_search_degenerate_rate", "routing_search_safety_rate"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    three = summary["safety_rate"] + summary["complied_rate"] + summary["degenerate_rate"]
+    assert three == pytest.approx(1.0)
+
+
+def test_report_keeps_per_prompt_verdicts(report):
+    from safety_eval.stats import mcnemar
+
+    per_prompt = report["verdicts"]
+    plain = per_prompt["plain"]
+    assert plain["set"] == "harmful" and plain["prompt_index"] == list(range(6))
+    assert [s["verdict"] for s in report["plain"]["safety_rate"]["samples"]] == plain["verdicts"][:5]
+    assert len(per_prompt["top2_mask"]["verdicts"]) == 6
+    assert per_prompt["routing_search"]["prompt_index"] == [0, 1]
+    assert len(per_prompt["general_accuracy"]["correct"]) == 6
+    assert per_prompt["over_refusal"]["set"] == "benign"
+    # Paired comparison of two attacks (or two models) on the same prompts.
+    result = mcnemar(plain["verdicts"], per_prompt["top2_mask"]["verdicts"])
+    assert result.n == 6 and 0.0 <= result.p_value <= 1.0
+
+
+def test_report_markdown_shows_intervals(report):
+    from safety_eval.report import markdown
+
+    text = markdown(report)
+    rate = report["rates"]["plain"]["refused_rate"]
+    assert f"| Safety Rate (held-out harmful) | {rate['rate']:.3f} [{rate['interval'][0]:.3f}, " in text
+    assert "degenerate [95% CI]" in text and "attack success = complied" in text
+
+
 def test_report_files(report, tmp_path):
     from safety_eval.report import write_report
 
