@@ -90,7 +90,11 @@ def test_bad_input(model, tokenizer):
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from moe_routing.ray_cluster import init_ray
+
+    # A fresh local instance (never a cluster RAY_ADDRESS names), with the token set up the way
+    # every entry point of the project does it.
+    init_ray("local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
