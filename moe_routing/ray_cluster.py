@@ -115,7 +115,12 @@ def init_ray(address: str | None = None, *, log: Callable[[str], None] = _say, *
     if ray.is_initialized():
         return ray.get_runtime_context()
     joining = address not in (None, "local") or (address is None and bool(os.environ.get("RAY_ADDRESS")))
-    ensure_auth_token(create=not joining, log=log)
+    if not joining:
+        ensure_auth_token(create=True, log=log)
+    elif AUTH_MODE in os.environ or os.environ.get(TOKEN_ENV) or auth_token_path().is_file():
+        ensure_auth_token(create=False, log=log)
+    # else: joining with no token and no explicit mode; Ray then joins without token auth, as it
+    # does by default, and a cluster that wants a token fails below with the hint.
     target = address if address is not None else (os.environ.get("RAY_ADDRESS") or None)
     try:
         return ray.init(address=target, **kwargs)

@@ -184,3 +184,18 @@ def test_the_readme_ray_recipe_runs_as_written_from_an_empty_home(organism, empt
     assert (out / "model" / "config.json").is_file() and (out / "report.json").is_file()
     token = (empty_home / ".ray" / "auth_token").read_text()
     assert _mode(empty_home / ".ray" / "auth_token") == 0o600 and token not in output
+
+
+def test_joining_a_cluster_needs_its_token_only_when_auth_is_asked_for(empty_home, monkeypatch):
+    from moe_routing.ray_cluster import init_ray
+
+    # RAY_AUTH_MODE=token and no token: a clear error before Ray is even asked.
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with pytest.raises(RayClusterError, match="no token at"):
+        init_ray("127.0.0.1:1", log=lambda _: None)
+    # Mode unset, no token: Ray is asked (and fails here: nothing listens on port 1), and its
+    # failure comes back as one RayClusterError naming the address, not a Ray traceback.
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    with pytest.raises(RayClusterError, match="127.0.0.1:1"):
+        init_ray("127.0.0.1:1", log=lambda _: None)
+    assert not (empty_home / ".ray").exists()
