@@ -108,7 +108,8 @@ def ray_cli_env(base: dict[str, str] | None = None, *, keep_address: bool = Fals
 
 def init_ray(address: str | None = None, *, log: Callable[[str], None] = _say, **kwargs):
     """``ray.init`` with the token in place first. ``address`` None joins ``$RAY_ADDRESS`` when set
-    (as `ray job submit` sets it), else starts a local instance; "local" always starts one.
+    (as `ray job submit` sets it), else starts a local instance; "local" always starts one. A
+    cluster left by `ray start` is joined only when named (RAY_ADDRESS or ``address``).
     A failure raises RayClusterError with Ray's reason and a hint."""
     import ray
 
@@ -121,7 +122,9 @@ def init_ray(address: str | None = None, *, log: Callable[[str], None] = _say, *
         ensure_auth_token(create=False, log=log)
     # else: joining with no token and no explicit mode; Ray then joins without token auth, as it
     # does by default, and a cluster that wants a token fails below with the hint.
-    target = address if address is not None else (os.environ.get("RAY_ADDRESS") or None)
+    # Never Ray's own fallback for address=None: it joins the cluster a `ray start` recorded in
+    # /tmp/ray/ray_current_cluster, which may be long dead, and then hangs retrying it.
+    target = address if address is not None else (os.environ.get("RAY_ADDRESS") or "local")
     try:
         return ray.init(address=target, **kwargs)
     except Exception as error:  # Ray raises ConnectionError, AuthenticationError, RuntimeError ...

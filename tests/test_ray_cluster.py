@@ -3,12 +3,14 @@ the README's `ray start` / `ray job submit` recipe, each run under a HOME no ear
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -135,6 +137,30 @@ def test_the_demos_ray_head_starts_from_an_empty_home_and_runs_a_job(empty_home,
     assert not leaks and token not in job.stdout + job.stderr + "".join(lines)
 
 
+RAY_START_RECORD = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # `ray start` writes it
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_dead_clusters_ray_start_record_is_not_joined(empty_home):
+    """A `ray start` head that died without `ray stop` leaves its address in /tmp/ray; Ray's own
+    ray.init() would join it and hang retrying. init_ray starts a local instance instead."""
+    saved = RAY_START_RECORD.read_text() if RAY_START_RECORD.is_file() else None
+    RAY_START_RECORD.parent.mkdir(parents=True, exist_ok=True)
+    RAY_START_RECORD.write_text("127.0.0.1:1\n")
+    try:
+        run = subprocess.run(
+            [sys.executable, "-c", "import ray; from moe_routing.ray_cluster import init_ray; "
+             "init_ray(num_cpus=1, include_dashboard=False); print('CPUS', ray.cluster_resources()['CPU'])"],
+            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    finally:
+        if saved is None:
+            RAY_START_RECORD.unlink(missing_ok=True)
+        else:
+            RAY_START_RECORD.write_text(saved)
+    assert run.returncode == 0 and "CPUS 1.0" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
+
+
 README_RECIPE = re.compile(r"<!-- ray-recipe -->\n```bash\n(.*?)```", re.S)
 
 
@@ -179,6 +205,9 @@ def test_the_readme_ray_recipe_runs_as_written_from_an_empty_home(organism, empt
         output, _ = process.communicate(timeout=1100)
     finally:
         _kill_session(process.pid)  # `ray start` left its daemons in this session
+        with contextlib.suppress(OSError):  # and its address, which `ray stop` would have removed
+            if RAY_START_RECORD.read_text().strip().endswith(":6379"):
+                RAY_START_RECORD.unlink()
     assert process.returncode == 0, output[-5000:]
     assert re.search(r"Job 'raysubmit_\w+' succeeded", output), output[-3000:]
     assert (out / "model" / "config.json").is_file() and (out / "report.json").is_file()
