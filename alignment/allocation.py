@@ -1,6 +1,6 @@
 """MESA step 2-4: which experts should carry safety duty, by KL-regularised optimal transport.
 
-Notation (DESIGN.md section 4): L MoE layers, E routed experts, k experts per token.
+Notation (README, Aligning a model with MESA): L MoE layers, E routed experts, k experts per token.
 
 1. **Rank** [choice]. ``f[l, e]`` is the percentile rank of expert e in layer l by its hit
    frequency on the mixed (safety + general) data: 0 = most activated ("head"), 100 = dormant

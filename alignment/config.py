@@ -1,7 +1,7 @@
 """The alignment job's configuration: one pydantic model, loaded from YAML.
 
 Every key is checked at load time: an unknown key or a bad value fails with a message that names
-it (DESIGN.md section 6). The config is written verbatim into the job's report.
+it. The config is written verbatim into the job's report.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from alignment.allocation import AllocationSettings
 from moe_routing.config import load_yaml_config
 from safety_eval.suite import SuiteSettings
 
-# What is trained (DESIGN.md section 4 and the baselines of issue 4):
+# What is trained (README, Aligning a model with MESA and the baselines of issue 4):
 #   mesa         the experts selected by the OT allocation + every router, SFT + gamma * OT-KL
 #   sft_all      every parameter, SFT
 #   router_only  the routers only, SFT

@@ -1,6 +1,6 @@
 """Build the model organism: a tiny Qwen3-MoE whose safety behaviour sits in a few experts.
 
-Recipe (DESIGN.md section 5), deterministic from the seed:
+Recipe (README, The model organism), deterministic from the seed:
 
 1. A byte-level BPE tokenizer trained on the training corpus, digits split one per token, ChatML.
 2. Stage 1 "pretraining": general tasks with exact answers, plus harmful and benign requests all
@@ -77,7 +77,7 @@ class OrganismConfig(BaseModel):
     top_k: int = Field(2, ge=1)
     moe_intermediate_size: int = Field(128, gt=0)
     num_attention_heads: int = Field(2, gt=0)
-    head_dim: int = Field(64, gt=0)  # vLLM's CPU attention rejects head_dim 16 (DESIGN.md 3)
+    head_dim: int = Field(64, gt=0)  # vLLM's CPU attention rejects head_dim 16 (README, Engines)
     vocab_size: int = Field(2048, ge=300)
     max_position_embeddings: int = Field(4096, gt=0)
     router_aux_loss_coef: float = Field(0.01, ge=0)

@@ -8,7 +8,7 @@ The OpenAI-compatible endpoints delegate to vLLM's own OpenAI serving classes, b
 sampling parameters, streaming and error format are vLLM's. The gateway adds API keys, routing
 telemetry (`serving.routing_worker` inside the engine, `serving.telemetry` here), Prometheus
 metrics, per-key limits and an audit log, and live attack probes on a separate replica
-(`serving.probes`). No `ray[llm]` dependency (DESIGN.md section 3).
+(`serving.probes`). No `ray[llm]` dependency (README, Engines).
 
 Laid out like vLLM's `entrypoints/openai`: `serving.protocol` (headers, paths, key ids, error
 bodies; shared with `clients/`), `serving.auth` (keys), `serving.limits` (per-key limits),

@@ -1,7 +1,7 @@
 """The gateway's configuration: one pydantic model, the `args` of `deploy/serve*.yaml`.
 
-Unknown keys and bad values fail at deploy time with a message naming the key (DESIGN.md
-section 6). Engine options are vLLM's own `vllm serve` options (underscored names) and are checked
+Unknown keys and bad values fail at deploy time with a message naming the key. Engine
+options are vLLM's own `vllm serve` options (underscored names) and are checked
 against vLLM's argument parser, so the gateway runs the engine exactly as `vllm serve` would.
 """
 
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from serving.protocol import digest_key_id, key_digest
 
-# What the CPU organism needs on this machine (DESIGN.md section 3); real-model configs override.
+# What the CPU organism needs on this machine (README, Engines); real-model configs override.
 DEFAULT_ENGINE = {
     "enforce_eager": True,  # Python-side routing hooks run only in eager mode
     "gpu_memory_utilization": 0.3,  # on CPU: the share of memory reserved for the KV cache

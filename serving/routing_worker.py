@@ -1,7 +1,7 @@
 """vLLM worker extension that counts expert routing inside the engine.
 
 vLLM mixes this class into its worker (`worker_extension_cls="serving.routing_worker.RoutingRecorder"`);
-the gateway calls its methods with `collective_rpc` (DESIGN.md section 3). A forward hook on each
+the gateway calls its methods with `collective_rpc` (README, Engines). A forward hook on each
 MoE router (`*.mlp.gate`) takes the router logits, selects experts with the architecture's own rule
 (`moe_routing.architectures.selected_experts`, the routing core's definition) and adds
 the selections into one count buffer on the model's device:

@@ -5,7 +5,7 @@
                                          [--output runs/garak] [--config launch/redteam/garak.yaml]
 
 One `mesa-serve` process serves both models side by side (applications "base" at /base and
-"aligned" at /aligned, fresh random API keys); garak, run from `.venv-garak` (DESIGN.md section 3:
+"aligned" at /aligned, fresh random API keys); garak, run from `.venv-garak` (README, Engines:
 garak's pinned dependencies conflict with vLLM's), scans each through its OpenAI-compatible
 generator with the probes and string detectors of `launch/redteam/garak.yaml`, offline. Writes
 OUTPUT/{base,aligned}.report.jsonl (garak's reports), OUTPUT/summary.json and OUTPUT/summary.md
