@@ -1,13 +1,19 @@
-"""The results table: base vs every alignment method, same data, same budget, one command.
+"""The results table: base vs every alignment method, same data, same budget, over seeds.
 
-    python -m alignment.compare --config alignment/configs/organism.yaml --output runs/compare
+    python -m alignment.compare --config alignment/configs/organism.yaml --output runs/compare \
+        [--seeds 0,1,2] [--organism-seeds 0,1,2]
 
-Runs the alignment job once per method (``training.method`` replaced, everything else as in the
-config), evaluates the base checkpoint once, and writes `results.md` / `results.json`: Safety
-Rate plain, under jailbreak templates, top-4/6/8 masking re-identified on each model, random
-masking and routing scale; F-SOUR-style attack success; general accuracy; over-refusal;
-trainable parameters; training wall time; effective number of safety experts. Each method's
-directory keeps its full report, so a re-run resumes where it stopped.
+Per replicate (an organism seed and a training seed; README, Aligning a model with MESA) it
+evaluates that replicate's base checkpoint once and runs the alignment job once per method
+(``training.method`` replaced, everything else as in the config). The organism seed picks the
+organism built and aligned (model ``organism`` only: its data split and held-out prompts follow
+it); the training seed changes training only. `results.md` / `results.json` hold, per row, the mean
+± sd over replicates of Safety Rate plain, under jailbreak templates, top-4/6/8 masking
+re-identified on each model, random masking and routing scale; F-SOUR-style attack success;
+general accuracy; over-refusal; effective number of safety experts; plus every replicate's own
+table (with Wilson 95% intervals) and the exact McNemar test of each method's plain Safety Rate
+against its replicate's base. Each run keeps its full report in its directory, so a re-run resumes
+where it stopped.
 """
 
 from __future__ import annotations
@@ -15,12 +21,58 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from alignment.config import AlignmentConfig, load_config
 
 METHODS = ("sft_all", "router_only", "safex", "lora", "mesa")
 AUGMENTED = "+mask"  # row suffix: the method with masking augmentation (training.mask_augmentation)
+DEFAULT_SEEDS = (0, 1, 2)
+MIN_SEEDS = 3  # the command's minimum: a mean and a spread
+
+
+@dataclass(frozen=True)
+class Replicate:
+    organism_seed: int  # which organism (model "organism"); unused for other models
+    seed: int  # training seed
+
+    def name(self, organism: bool) -> str:
+        return f"organism{self.organism_seed}-seed{self.seed}" if organism else f"seed{self.seed}"
+
+    def base_name(self, organism: bool) -> str:
+        return f"base-organism{self.organism_seed}" if organism else "base"
+
+
+def replicates(config: AlignmentConfig, seeds: Sequence[int],
+               organism_seeds: Sequence[int] | None = None) -> list[Replicate]:
+    """Pair training seeds with organism seeds (default: the same numbers; a single value of
+    either list is used for every replicate). For a model other than the organism the organism
+    seed stays the config's."""
+    organism = config.model == "organism"
+    if not seeds:
+        raise ValueError("no seeds given")
+    if organism_seeds is not None and not organism:
+        raise ValueError("organism seeds apply to model: organism only")
+    if not organism:
+        organism_seeds = [config.organism_seed]
+    elif organism_seeds is None:
+        organism_seeds = list(seeds)
+    n = max(len(seeds), len(organism_seeds))
+    if {len(seeds), len(organism_seeds)} - {1, n}:
+        raise ValueError(f"{len(seeds)} training seeds but {len(organism_seeds)} organism seeds: "
+                         "give as many of each, or one of either")
+    pairs = [Replicate(organism_seeds[i % len(organism_seeds)], seeds[i % len(seeds)]) for i in range(n)]
+    if len(set(pairs)) != len(pairs):
+        raise ValueError(f"a replicate is repeated: {pairs}")
+    return pairs
+
+
+def replicate_config(config: AlignmentConfig, replicate: Replicate) -> AlignmentConfig:
+    return AlignmentConfig.model_validate(
+        config.model_dump() | {"organism_seed": replicate.organism_seed, "seed": replicate.seed}
+    )
 
 
 def row_config(config: AlignmentConfig, row: str, output: Path, mask_augmentation: float) -> AlignmentConfig:
@@ -34,58 +86,128 @@ def row_config(config: AlignmentConfig, row: str, output: Path, mask_augmentatio
     return AlignmentConfig.model_validate(data)
 
 
-def compare(config: AlignmentConfig, output: Path, methods=METHODS, mask_augmentation: float = 0.5) -> dict:
-    from alignment.report import paired_safety_test, results_table, table_row
+def _p_values(tests: list[dict | None]) -> str:
+    return " / ".join("n/a" if t is None else f"{t['p_value']:.3g}" for t in tests)
+
+
+def compare(config: AlignmentConfig, output: Path, methods=METHODS, mask_augmentation: float = 0.5,
+            seeds: Sequence[Replicate] | None = None) -> dict:
+    """Every method on every replicate (default: the config's own organism and training seed)."""
+    from alignment.report import (
+        aggregate_rows,
+        mean_sd,
+        mean_sd_table,
+        paired_safety_test,
+        results_table,
+        table_row,
+    )
     from alignment.run import evaluate_checkpoint, log, resolve_model
     from alignment.run import run as run_alignment
 
-    checkpoint = resolve_model(config)
-    base = evaluate_checkpoint(checkpoint, config, output / "base")
-    rows = {"base": table_row(base)}
-    extra = {"base": {"trainable params": 0, "train s": 0}}
-    reports = {}
+    organism = config.model == "organism"
+    seeds = list(seeds) if seeds else [Replicate(config.organism_seed, config.seed)]
+    per_seed = []
+    bases: dict[str, dict] = {}  # checkpoint -> its base row, evaluated once per organism
+    for replicate in seeds:
+        name = replicate.name(organism)
+        log(f"\n[compare] ##### {name} #####")
+        rconfig = replicate_config(config, replicate)
+        checkpoint = resolve_model(rconfig)
+        if checkpoint not in bases:
+            bases[checkpoint] = table_row(
+                evaluate_checkpoint(checkpoint, rconfig, output / replicate.base_name(organism)))
+        rows = {"base": bases[checkpoint]}
+        extra = {"base": {"trainable params": 0, "train s": 0}}
+        tests = {}
+        for method in methods:
+            log(f"\n[compare] === {name}: {method} ===")
+            report = run_alignment(row_config(rconfig, method, output / name, mask_augmentation))
+            rows[method] = report["evaluation"]["aligned"]
+            params = report["parameters"]
+            extra[method] = {
+                "trainable params": f"{params['trainable']:,} ({100 * params['fraction']:.1f}%)",
+                "train s": (report["training"]["final"] or {}).get("seconds"),
+            }
+            # Paired test of the row's plain Safety Rate against this replicate's base.
+            tests[method] = paired_safety_test(rows["base"], rows[method])
+            extra[method]["McNemar p (SR vs base)"] = "" if tests[method] is None else \
+                f"{tests[method]['p_value']:.3g}"
+        per_seed.append({"name": name, "organism_seed": replicate.organism_seed if organism else None,
+                         "seed": replicate.seed, "checkpoint": checkpoint, "rows": rows, "extra": extra,
+                         "mcnemar": tests})
+
+    aggregate = aggregate_rows([r["rows"] for r in per_seed])
+    mcnemar = {m: [r["mcnemar"][m] for r in per_seed] for m in methods}
+    train_seconds = {m: mean_sd(r["extra"][m]["train s"] for r in per_seed) for m in methods}
+    summary_extra = {"base": {"trainable params": 0, "train s": 0}}
     for method in methods:
-        log(f"\n[compare] === {method} ===")
-        report = run_alignment(row_config(config, method, output, mask_augmentation))
-        reports[method] = report
-        rows[method] = report["evaluation"]["aligned"]
-        params = report["parameters"]
-        extra[method] = {
-            "trainable params": f"{params['trainable']:,} ({100 * params['fraction']:.1f}%)",
-            "train s": (report["training"]["final"] or {}).get("seconds"),
+        t = train_seconds[method]
+        summary_extra[method] = {
+            "trainable params": per_seed[0]["extra"][method]["trainable params"],
+            "train s": "" if t["mean"] is None else f"{t['mean']:.1f}"
+                                                    + ("" if t["sd"] is None else f" ± {t['sd']:.1f}"),
+            "McNemar p per seed (SR vs base)": _p_values(mcnemar[method]),
         }
-    for method in methods:  # paired test of each row's plain Safety Rate against base's
-        test = paired_safety_test(rows["base"], rows[method])
-        extra[method]["McNemar p (SR vs base)"] = "" if test is None else f"{test['p_value']:.3g}"
-    table = results_table(rows, extra)
-    notes = [
-        f"Model `{checkpoint}`; seed {config.seed}; config: same for every row except "
-        f"training.method, and training.mask_augmentation = {mask_augmentation} on the {AUGMENTED} rows "
-        "(0 elsewhere). 'train s' = seconds of the training loop on the configured workers. "
-        "Masking re-identifies the safety-critical experts on each model; "
-        "random masking is the mean over the suite's seeds. 'eff. safety experts' = exp(entropy) "
-        "of the positive harmful-minus-benign routing difference over all (layer, expert) pairs. "
-        "Brackets: Wilson 95% intervals. 'F-SOUR ASR' counts complied answers only; 'F-SOUR "
-        "degenerate' the empty, looping or garbled ones. 'McNemar p': exact McNemar test of the plain "
-        "Safety Rate against base on the same prompts.",
-    ]
-    (output / "results.md").write_text("# Alignment results\n\n" + table + "\n\n" + "\n".join(notes) + "\n")
-    results = {"rows": rows, "extra": extra, "config": config.model_dump(), "checkpoint": checkpoint}
+    table = mean_sd_table(aggregate, summary_extra)
+    listed = ", ".join(r["name"] for r in per_seed)
+    notes = (
+        f"Mean ± sd (sample standard deviation) over {len(per_seed)} replicate(s): {listed}. "
+        + (f"Model `{config.model}`; " if not organism else "Model: the organism of each organism seed; ")
+        + "config: same for every row except training.method, and training.mask_augmentation = "
+        f"{mask_augmentation} on the {AUGMENTED} rows (0 elsewhere). The organism seed picks the "
+        "organism (its data split and held-out prompts follow it); the training seed changes training "
+        "only. 'train s' = seconds of the training loop on the configured workers. Masking "
+        "re-identifies the safety-critical experts on each model; random masking is the mean over the "
+        "suite's seeds. 'eff. safety experts' = exp(entropy) of the positive harmful-minus-benign "
+        "routing difference over all (layer, expert) pairs. 'F-SOUR ASR' counts complied answers "
+        "only; 'F-SOUR degenerate' the empty, looping or garbled ones. 'McNemar p': exact McNemar "
+        "test of the plain Safety Rate against the same replicate's base on the same prompts, one "
+        "p-value per replicate (in the order listed). Per-replicate tables below carry Wilson 95% "
+        "intervals in brackets."
+    )
+    sections = [f"# Alignment results\n\n{table}\n\n{notes}\n", "## Per replicate\n"]
+    for r in per_seed:
+        sections.append(f"### {r['name']}\n\nCheckpoint `{r['checkpoint']}`.\n\n"
+                        f"{results_table(r['rows'], r['extra'])}\n")
+    (output / "results.md").write_text("\n".join(sections))
+    results = {
+        "methods": list(methods),
+        "replicates": per_seed,
+        "aggregate": aggregate,
+        "train_seconds": train_seconds,
+        "mcnemar": mcnemar,
+        "config": config.model_dump(),
+        "mask_augmentation": mask_augmentation,
+    }
     (output / "results.json").write_text(json.dumps(results, indent=1, default=str))
     log("\n" + table)
     log(f"\n[compare] wrote {output / 'results.md'}")
     return results
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="base vs alignment methods on one model (results table)")
-    parser.add_argument("--config", help="YAML alignment config (the method is replaced per row)")
+    parser = argparse.ArgumentParser(description="base vs alignment methods on one model, over seeds "
+                                     "(results table: mean ± sd, per-seed values, McNemar per seed)")
+    parser.add_argument("--config", help="YAML alignment config (the method and seeds are replaced per row)")
     parser.add_argument("--output", default="runs/compare", help="output directory")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated rows (default {','.join(METHODS)}); a method with the "
                         f"suffix {AUGMENTED} trains with masking augmentation")
     parser.add_argument("--mask-augmentation", type=float, default=0.5,
                         help="training.mask_augmentation of the +mask rows (default 0.5)")
+    parser.add_argument("--seeds", type=_int_list, default=list(DEFAULT_SEEDS),
+                        help="training seeds, one replicate each (default "
+                        f"{','.join(map(str, DEFAULT_SEEDS))}; at least {MIN_SEEDS} replicates)")
+    parser.add_argument("--organism-seeds", type=_int_list,
+                        help="organism seeds (model: organism only), paired with --seeds in order "
+                        "(default: the same numbers; one value: the same organism for every replicate)")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = {m for m in methods if m.removesuffix(AUGMENTED) not in METHODS}
@@ -95,8 +217,16 @@ def main(argv=None) -> int:
 
     if not 0 < args.mask_augmentation <= 1:
         parser.error("--mask-augmentation must be in (0, 1]")
-    return explain_errors(lambda: compare(load_config(args.config), Path(args.output).resolve(), methods,
-                                          args.mask_augmentation))
+
+    def job():
+        config = load_config(args.config)
+        pairs = replicates(config, args.seeds, args.organism_seeds)
+        if len(pairs) < MIN_SEEDS:
+            raise ValueError(f"--seeds: {len(pairs)} replicate(s); the comparison needs at least "
+                             f"{MIN_SEEDS} (mean ± sd)")
+        compare(config, Path(args.output).resolve(), methods, args.mask_augmentation, pairs)
+
+    return explain_errors(job)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from alignment.allocation import AllocationSettings
 from moe_routing.config import load_yaml_config
-from safety_eval.suite import SuiteSettings
+from safety_eval.settings import SuiteSettings  # light (no torch), unlike safety_eval.suite
 
 # What is trained (README, Aligning a model with MESA and the baselines of issue 4):
 #   mesa         the experts selected by the OT allocation + every router, SFT + gamma * OT-KL
@@ -91,10 +91,17 @@ class EvaluationConfig(BaseModel):
 class AlignmentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # A local HF checkpoint directory, a hub id, or "organism" (the embedded default, built and
-    # cached on first use).
+    # cached on first use; `organism_seed` picks which one). Resolved by
+    # organism.checkpoint.resolve_checkpoint.
     model: str = "organism"
     output_dir: str = "runs/align"
+    # Training only: batch order, mask draws, D_stat and max_examples sampling, initialisation of
+    # the trained values. It never changes the data split (README, Aligning a model with MESA).
     seed: int = 0
+    # model == "organism": the seed of the organism built and aligned (its own data split and
+    # held-out sets follow it). Ignored for any other model. Packaged data is always split with
+    # the checkpoint's organism seed (organism.json), or evaluation.suite.seed for other models.
+    organism_seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
     profile: ProfileConfig = ProfileConfig()
     allocation: AllocationSettings = AllocationSettings()

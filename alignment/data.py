@@ -109,13 +109,34 @@ def _read_hub(spec: str, default_harmful: bool) -> list[Example]:
     return [_record_example(dict(r), f"{spec} row {i}", default_harmful) for i, r in enumerate(rows)]
 
 
+SPLIT_KEYS = ("seed", "harmful_test_fraction", "benign_test_fraction", "general_test_size")
+
+
+def split_settings(config: AlignmentConfig, checkpoint=None) -> dict:
+    """How the packaged data is split into train / held-out: the organism checkpoint's own split
+    (its `organism.json`), else the organism `organism_seed` names (model "organism", no checkpoint
+    yet), else the evaluation suite's seed. Never the training seed `config.seed`: another
+    training seed must see the same data split, and never a prompt the evaluation holds out."""
+    from organism.checkpoint import ORGANISM, organism_info
+
+    info = organism_info(checkpoint)
+    if info is not None:
+        return {k: info["config"][k] for k in SPLIT_KEYS if k in info["config"]}
+    if checkpoint is None and config.model == ORGANISM:
+        return {"seed": config.organism_seed}
+    return {"seed": config.evaluation.suite.seed}
+
+
 def _held_out(checkpoint: str | Path | None, seed: int) -> tuple[set[str], set[str]]:
-    """(request prompts, general prompts) that evaluation measures: never train on them."""
+    """(request prompts, general prompts) that evaluation measures or settings are chosen on
+    (test and validation sides): never train on them."""
     from safety_eval.harness import EvalSets
 
-    sets = [EvalSets.standard(seed=seed)]
+    sets = [EvalSets.standard(seed=seed, split=split) for split in ("test", "validation")]
     if checkpoint is not None and (Path(checkpoint) / "eval_sets.json").is_file():
-        sets.append(EvalSets.for_checkpoint(checkpoint, seed=seed))
+        sets.append(EvalSets.for_checkpoint(checkpoint))
+        if "validation" in json.loads((Path(checkpoint) / "eval_sets.json").read_text()):
+            sets.append(EvalSets.for_checkpoint(checkpoint, split="validation"))
     requests = {p for s in sets for p in s.harmful + s.benign}
     general = {t.prompt for s in sets for t in s.general}
     return requests, general
@@ -127,8 +148,12 @@ def _packaged(kind: str, config: AlignmentConfig, checkpoint) -> list[Example]:
     from safety_eval.data import all_tasks
     from safety_eval.judge import ORGANISM_REFUSAL
 
-    corpus = build_corpus(OrganismConfig(seed=config.seed))
-    requests, general = _held_out(checkpoint, config.seed)
+    split = split_settings(config, checkpoint)
+    corpus = build_corpus(OrganismConfig(**split))
+    # Held out: the split's test side and the checkpoint's own held-out sets (for a checkpoint
+    # without them the suite measures the standard split of its seed, which is this split).
+    requests, general = _held_out(checkpoint, split["seed"])
+    # Which answer each benign request gets and the task order: training randomness.
     rng = random.Random(config.seed + (1 if kind == "safety" else 2))
     if kind == "safety":
         refusal = config.data.refusal or ORGANISM_REFUSAL

@@ -24,8 +24,12 @@ TABLE_COLUMNS = (
     ("random6_mask_safety_rate", "SR random-6 masked"),
     ("scale_global_x0.5_safety_rate", "SR scale x0.5"),
     ("scale_global_x1.5_safety_rate", "SR scale x1.5"),
-    ("routing_search_attack_success", "F-SOUR ASR"),
-    ("routing_search_degenerate_rate", "F-SOUR degenerate"),
+    ("fsour_attack_success", "F-SOUR ASR"),
+    ("fsour_degenerate_rate", "F-SOUR degenerate"),
+    ("layer_route_search_attack_success", "Layer route search ASR"),
+    ("layer_route_search_degenerate_rate", "Layer route search degenerate"),
+    ("n50_top_fraction", "N50 top-N (share of pairs)"),
+    ("n50_random_fraction", "N50 random (share of pairs)"),
     ("general_accuracy", "General acc."),
     ("over_refusal", "Over-refusal"),
 )
@@ -35,6 +39,9 @@ def table_row(evaluation: dict) -> dict:
     """A suite report's numbers for the table, including top-4/6/8 masking from its curve, and the
     per-prompt plain-harmful verdicts (`safety_verdicts`) for paired tests between rows."""
     row = dict(evaluation["summary"])
+    for old_name in ("attack_success", "degenerate_rate"):  # reports before issue 14
+        if f"routing_search_{old_name}" in row:
+            row.setdefault(f"layer_route_search_{old_name}", row[f"routing_search_{old_name}"])
     targeted = {int(n): rate for n, rate in evaluation["masking"]["targeted"].items()}
     rates = evaluation.get("rates", {})
     for n in (4, 6, 8):
@@ -78,6 +85,53 @@ def results_table(rows: dict[str, dict], extra: dict[str, dict] | None = None) -
     for name, row in rows.items():
         cells = [name] + [_pct(row.get(key), row.get(f"{key}_ci")) for key, _ in TABLE_COLUMNS]
         cells.append(f"{row.get('effective_safety_experts', float('nan')):.2f}")
+        cells += [str(extra.get(name, {}).get(k, "")) for k in extra_keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# Numbers aggregated over seeds: every rate column plus the effective number of safety experts.
+AGGREGATE_KEYS = tuple(key for key, _ in TABLE_COLUMNS) + ("effective_safety_experts",)
+
+
+def mean_sd(values) -> dict:
+    """{"mean", "sd", "n", "values"} of the non-missing `values` (sd: sample standard deviation,
+    None below two values; mean None when none is there). `values` keeps every seed's entry."""
+    values = list(values)
+    present = [float(v) for v in values if v is not None]
+    n = len(present)
+    mean = sum(present) / n if n else None
+    sd = (sum((v - mean) ** 2 for v in present) / (n - 1)) ** 0.5 if n >= 2 else None
+    return {"mean": mean, "sd": sd, "n": n, "values": values}
+
+
+def aggregate_rows(per_seed: list[dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    """Per row and AGGREGATE_KEYS key, :func:`mean_sd` over the seeds' table rows (a row missing
+    in a seed counts as missing there)."""
+    names = list(dict.fromkeys(name for rows in per_seed for name in rows))
+    return {
+        name: {key: mean_sd(rows.get(name, {}).get(key) for rows in per_seed) for key in AGGREGATE_KEYS}
+        for name in names
+    }
+
+
+def _mean_sd_cell(entry: dict, scale: float, digits: int) -> str:
+    if entry["mean"] is None:
+        return "n/a"
+    cell = f"{scale * entry['mean']:.{digits}f}"
+    return cell if entry["sd"] is None else f"{cell} ± {scale * entry['sd']:.{digits}f}"
+
+
+def mean_sd_table(aggregate: dict[str, dict[str, dict]], extra: dict[str, dict] | None = None) -> str:
+    """Markdown table of :func:`aggregate_rows`: mean ± sd over seeds per row, rates in percent,
+    plus `extra` columns (already formatted)."""
+    extra = extra or {}
+    extra_keys = list(dict.fromkeys(k for v in extra.values() for k in v))
+    header = ["model"] + [label + " (%)" for _, label in TABLE_COLUMNS] + ["eff. safety experts"] + extra_keys
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for name, entries in aggregate.items():
+        cells = [name] + [_mean_sd_cell(entries[key], 100, 1) for key, _ in TABLE_COLUMNS]
+        cells.append(_mean_sd_cell(entries["effective_safety_experts"], 1, 2))
         cells += [str(extra.get(name, {}).get(k, "")) for k in extra_keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

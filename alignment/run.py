@@ -44,25 +44,17 @@ def _digest(value) -> str:
 
 
 def resolve_model(config: AlignmentConfig) -> str:
-    """The checkpoint to align: the organism (built and cached on first use), a directory, or a
-    hub id. Fails early, before any Ray work, for an unsupported architecture."""
-    if config.model == "organism":
-        from organism.build import ensure_organism
+    """The checkpoint to align (`organism.checkpoint.resolve_checkpoint`): the organism of
+    `organism_seed` (built and cached on first use), a directory, or a hub id. Fails early, before
+    any Ray work, for a missing directory or an unsupported architecture."""
+    from organism.checkpoint import resolve_checkpoint
 
-        return str(ensure_organism(log=log))
-    from transformers import AutoConfig
-
-    from moe_routing.architectures import check_supported
-
-    path = Path(config.model).expanduser()
-    if not path.exists() and (config.model.startswith((".", "/", "~")) or config.model.count("/") > 1):
-        raise ValueError(f"model: checkpoint directory not found: {config.model}")
-    target = str(path) if path.exists() else config.model
     try:
-        check_supported(AutoConfig.from_pretrained(target))
-    except OSError as error:
-        raise ValueError(f"model: cannot read {target!r} ({error})") from None
-    return target
+        return resolve_checkpoint(config.model, log=log, organism_seed=config.organism_seed)
+    except UnsupportedArchitectureError:
+        raise
+    except ValueError as error:
+        raise ValueError(f"model: {error}") from None
 
 
 def _profile(checkpoint: str, prompts: list[str], config: AlignmentConfig, path: Path) -> RoutingCounts:
@@ -182,7 +174,10 @@ def run(config: AlignmentConfig) -> dict:
     timings: dict[str, float] = {}
     out = Path(config.output_dir).resolve()
     checkpoint = resolve_model(config)
-    _check_output_dir(out, {"config": config.model_dump(exclude={"evaluation"}), "checkpoint": checkpoint})
+    # organism_seed is left out: the checkpoint path (organism-<config hash>) already names it, and
+    # runs from before the key existed keep resuming.
+    _check_output_dir(out, {"config": config.model_dump(exclude={"evaluation", "organism_seed"}),
+                            "checkpoint": checkpoint})
     (out / "config.json").write_text(config.model_dump_json(indent=1))
     log(f"[align] method {config.training.method}; model {checkpoint}; output {out}")
 

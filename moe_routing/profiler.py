@@ -28,6 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from moe_routing.architectures import MoEModel, check_supported, describe
+from moe_routing.chat import chat_prompts
+from moe_routing.checkpoint import locate_checkpoint
 from moe_routing.instrument import RoutingTrace, capture_routing
 from moe_routing.ray_cluster import init_ray
 from moe_routing.stats import (
@@ -73,12 +75,7 @@ def format_prompts(tokenizer, prompts: Sequence[str], prompt_format: PromptForma
         return list(prompts)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("prompt_format='chat' needs a tokenizer with a chat template; use 'raw'")
-    return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-        )
-        for p in prompts
-    ]
+    return chat_prompts(tokenizer, prompts)
 
 
 def tokenize_batch(tokenizer, texts: Sequence[str], settings: ProfileSettings, device):
@@ -211,9 +208,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
     """Model and tokenizer from an HF checkpoint directory or hub id, checked before loading."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    text = str(path)
-    if not Path(text).exists() and (text.startswith((".", "/", "~")) or text.count("/") > 1):
-        raise ValueError(f"checkpoint directory not found: {text}")
+    path = locate_checkpoint(path)  # a missing directory fails here, naming it
     check_supported(AutoConfig.from_pretrained(path))  # clear error before loading any weights
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import torch
 
+from moe_routing.chat import chat_prompts
+
 
 class ChatGenerator(Protocol):
     """A chat model: one user turn per prompt in, the assistant's reply text out (same order)."""
@@ -38,12 +40,7 @@ class HFChatGenerator:
         self.max_prompt_tokens = max_prompt_tokens
 
     def chat_texts(self, prompts: Sequence[str]) -> list[str]:
-        return [
-            self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-            )
-            for p in prompts
-        ]
+        return chat_prompts(self.tokenizer, prompts)
 
     def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids and attention mask of the chat-formatted prompts."""

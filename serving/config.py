@@ -201,19 +201,18 @@ def check_limit_keys(config: GatewayConfig, users: frozenset[str], admin: str | 
 
 
 def resolve_model(config: GatewayConfig, log=print) -> tuple[str, str]:
-    """(checkpoint path or hub id, served model name)."""
-    if config.model == "organism":
-        from organism.build import ensure_organism
+    """(checkpoint path or hub id, served model name), by `organism.checkpoint.resolve_checkpoint`.
+    The architecture is not checked here: vLLM serves more than the routing core instruments."""
+    from organism.checkpoint import ORGANISM, resolve_checkpoint
 
-        return str(ensure_organism(log=log)), config.served_model_name or "organism"
-    path = Path(config.model).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
-        return str(path.resolve()), config.served_model_name or path.name
-    if config.model.startswith((".", "/", "~")):
-        raise ValueError(f"model directory not found: {config.model}")
-    return config.model, config.served_model_name or config.model  # hub id
+    checkpoint = resolve_checkpoint(config.model, log=log, check_architecture=False)
+    if config.model == ORGANISM:
+        default_name = ORGANISM
+    elif Path(checkpoint).is_absolute():  # a directory (resolved): served under its folder name
+        default_name = Path(checkpoint).name
+    else:  # a hub id
+        default_name = config.model
+    return checkpoint, config.served_model_name or default_name
 
 
 def resolve_safety_experts(config: TelemetryConfig, checkpoint: str) -> tuple[list[tuple[int, int]], str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,16 +11,9 @@ from pydantic import ValidationError
 
 from alignment.config import AlignmentConfig, load_config
 from alignment.data import DataError, load_dataset
-from alignment.training import (
-    collate,
-    encode_chat,
-    make_trainable,
-    ot_kl_loss,
-    router_targets,
-    step_batch,
-    weighted_lm_loss,
-)
+from alignment.training import make_trainable, ot_kl_loss, router_targets, step_batch
 from moe_routing.architectures import describe
+from moe_routing.sft import collate, encode_chat, weighted_lm_loss
 from moe_routing.tiny import byte_tokenizer, tiny_model
 
 
@@ -271,3 +265,155 @@ def test_masking_augmentation_targets_the_current_safety_experts():
     assert all(d == routing.top(len(d)) for d in masked)
     off = AlignmentConfig().training
     assert all(augmentation_mask(step, 0, off, routing) == [] for step in range(50))
+
+
+# --- the learning-rate schedule (shared with the organism) ---------------------------------------
+
+
+def test_warmup_cosine_closed_form():
+    import math
+
+    from moe_routing.sft import warmup_cosine
+
+    # Warmup: (step + 1) / warmup, reaching 1 on the last warmup step.
+    assert [warmup_cosine(s, 4, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    # Cosine from 1 at the end of warmup to the floor at total_steps, half way at the midpoint.
+    assert warmup_cosine(4, 4, 20) == 1.0
+    assert warmup_cosine(12, 4, 20) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert warmup_cosine(8, 4, 20) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert warmup_cosine(20, 4, 20) == pytest.approx(0.1)
+    assert warmup_cosine(35, 4, 20) == pytest.approx(0.1)  # held at the floor past the end
+    assert warmup_cosine(5, 0, 10, floor=0.0) == pytest.approx(0.5)
+    assert warmup_cosine(0, 0, 10, floor=0.25) == 1.0
+
+
+def test_both_trainers_use_the_shared_schedule():
+    from alignment.config import TrainingConfig
+    from alignment.training import learning_rate_factor
+    from moe_routing.sft import warmup_cosine
+
+    training = TrainingConfig(steps=30, warmup_steps=5)
+    steps = range(31)
+    assert [learning_rate_factor(s, training) for s in steps] == [warmup_cosine(s, 5, 30) for s in steps]
+    source = (Path(__file__).parent.parent / "organism" / "build.py").read_text()
+    assert "warmup_cosine(step, stage.warmup_steps, stage.steps" in source
+
+
+# --- checkpoint names ----------------------------------------------------------------------------
+
+
+def test_checkpoint_resolution_rules(tmp_path):
+    from moe_routing.architectures import UnsupportedArchitectureError
+    from organism.checkpoint import resolve_checkpoint
+
+    with pytest.raises(ValueError, match="checkpoint directory not found: ./no/such"):
+        resolve_checkpoint("./no/such")
+    with pytest.raises(ValueError, match="no config.json"):
+        resolve_checkpoint(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(UnsupportedArchitectureError, match="llama"):
+        resolve_checkpoint(str(tmp_path))
+    assert resolve_checkpoint(str(tmp_path), check_architecture=False) == str(tmp_path.resolve())
+    assert resolve_checkpoint("Qwen/Qwen3-30B-A3B", check_architecture=False) == "Qwen/Qwen3-30B-A3B"
+    from alignment.run import resolve_model
+
+    with pytest.raises(ValueError, match="model: checkpoint directory not found"):
+        resolve_model(AlignmentConfig(model="/no/such/dir"))
+
+
+# --- seeds: the organism's split, not the training seed ------------------------------------------
+
+
+def test_training_seed_never_changes_the_data_split(tmp_path):
+    from alignment.data import split_settings
+
+    organism = tmp_path / "org"
+    organism.mkdir()
+    (organism / "organism.json").write_text(json.dumps({"config": {"seed": 3, "harmful_test_fraction": 0.2}}))
+    for seed in (0, 5):
+        config = AlignmentConfig(seed=seed, organism_seed=3)
+        assert split_settings(config, organism) == {"seed": 3, "harmful_test_fraction": 0.2}
+        assert split_settings(config) == {"seed": 3}  # model "organism", before it is resolved
+        assert split_settings(AlignmentConfig(model=str(tmp_path), seed=seed), tmp_path) == {"seed": 0}
+    first = load_dataset("safety", AlignmentConfig(seed=0))
+    second = load_dataset("safety", AlignmentConfig(seed=1))
+    assert {e.prompt for e in first} == {e.prompt for e in second}
+
+
+# --- compare over seeds (plumbing, with the job and the suite faked) ------------------------------
+
+
+def _fake_evaluation(refused: list[bool], accuracy: float) -> dict:
+    rate = sum(refused) / len(refused)
+    return {
+        "summary": {"safety_rate": rate, "general_accuracy": accuracy,
+                    "effective_safety_experts": 4.0 + rate},
+        "masking": {"targeted": {"4": rate / 2, "6": rate / 3, "8": rate / 4}},
+        "verdicts": {"plain": {"verdicts": ["refused" if r else "complied" for r in refused]}},
+    }
+
+
+def test_compare_runs_replicates_and_reports_mean_sd_and_paired_tests(tmp_path, monkeypatch):
+    import alignment.run
+    from alignment.compare import Replicate, compare, replicates
+    from alignment.report import table_row
+
+    calls = []
+
+    def resolve(config):
+        calls.append(("resolve", config.organism_seed, config.seed))
+        return f"/organisms/{config.organism_seed}"
+
+    def evaluate(checkpoint, config, out):
+        calls.append(("base", checkpoint, out.name))
+        return _fake_evaluation([True] * 5 + [False] * 5, 0.9)
+
+    def run(config):
+        calls.append(("run", config.organism_seed, config.seed, config.training.method, config.output_dir))
+        refused = 5 + config.seed + (2 if config.training.method == "mesa" else 0)
+        return {
+            "evaluation": {"aligned": table_row(_fake_evaluation([True] * refused + [False] * (10 - refused),
+                                                                 0.8))},
+            "parameters": {"trainable": 10, "fraction": 0.5},
+            "training": {"final": {"seconds": 1.0 + config.seed}},
+        }
+
+    monkeypatch.setattr(alignment.run, "resolve_model", resolve)
+    monkeypatch.setattr(alignment.run, "evaluate_checkpoint", evaluate)
+    monkeypatch.setattr(alignment.run, "run", run)
+    config = AlignmentConfig()
+    pairs = replicates(config, [0, 1, 2])
+    assert pairs == [Replicate(0, 0), Replicate(1, 1), Replicate(2, 2)]
+    assert replicates(config, [0, 1, 2], [7]) == [Replicate(7, 0), Replicate(7, 1), Replicate(7, 2)]
+    with pytest.raises(ValueError, match="as many"):
+        replicates(config, [0, 1, 2], [0, 1])
+    with pytest.raises(ValueError, match="organism only"):
+        replicates(AlignmentConfig(model="Qwen/Qwen3-30B-A3B"), [0, 1, 2], [1])
+
+    results = compare(config, tmp_path, ["sft_all", "mesa"], 0.5, replicates(config, [0, 1, 2], [7]))
+    # One organism: its base evaluated once; each method once per training seed, seeds decoupled.
+    assert [c for c in calls if c[0] == "base"] == [("base", "/organisms/7", "base-organism7")]
+    runs = [c for c in calls if c[0] == "run"]
+    expected = [(7, s, m) for s in (0, 1, 2) for m in ("sft_all", "mesa")]
+    assert [(o, s, m) for _, o, s, m, _ in runs] == expected
+    assert runs[0][4] == str(tmp_path / "organism7-seed0" / "sft_all")
+
+    mesa = results["aggregate"]["mesa"]["safety_rate"]
+    assert mesa["values"] == [0.7, 0.8, 0.9] and mesa["mean"] == pytest.approx(0.8)
+    assert mesa["sd"] == pytest.approx(0.1)
+    assert results["aggregate"]["base"]["safety_rate"]["sd"] == 0.0
+    assert [t["b"] for t in results["mcnemar"]["sft_all"]] == [0, 0, 0]
+    assert [t["c"] for t in results["mcnemar"]["mesa"]] == [2, 3, 4]
+    assert results["train_seconds"]["mesa"]["mean"] == pytest.approx(2.0)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["name"] for r in saved["replicates"]] == [f"organism7-seed{s}" for s in (0, 1, 2)]
+    markdown = (tmp_path / "results.md").read_text()
+    assert "80.0 ± 10.0" in markdown  # mesa's Safety Rate, mean ± sd in percent
+    assert "### organism7-seed2" in markdown and "McNemar p per seed" in markdown
+
+
+def test_compare_command_needs_three_seeds(capsys):
+    from alignment.compare import main
+
+    assert main(["--seeds", "0,1", "--methods", "mesa"]) == 2
+    assert "at least 3" in capsys.readouterr().err

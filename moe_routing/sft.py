@@ -1,14 +1,18 @@
-"""Supervised fine-tuning on chat exchanges: encoding, batching and the token loss.
+"""Supervised fine-tuning on chat exchanges: encoding, batching, the token loss and the
+learning-rate schedule.
 
 Shared by the organism's training stages and the alignment methods.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from moe_routing.chat import chat_exchange
 
 
 def encode_chat(tokenizer, prompt: str, response: str, max_length: int | None = None
@@ -16,12 +20,7 @@ def encode_chat(tokenizer, prompt: str, response: str, max_length: int | None = 
     """Token ids and labels of one user/assistant exchange in the model's chat template; the loss
     is on the assistant turn (and its end-of-turn marker) only. Long prompts are cut from the left
     so the response is always kept (at most half of `max_length` of it)."""
-    user = [{"role": "user", "content": prompt}]
-    head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(
-        user + [{"role": "assistant", "content": response}], tokenize=False
-    )
-    tail = full[len(head):].rstrip("\n") if full.startswith(head) else response
+    head, tail = chat_exchange(tokenizer, prompt, response)
     head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
     tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
     if max_length is not None:
@@ -52,3 +51,13 @@ def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, row_weight: tor
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0),
                          reduction="none").view_as(weight)
     return (ce * weight).sum() / weight.sum()
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, floor: float = 0.1) -> float:
+    """Learning-rate factor of `step` (0-based): linear warmup to 1 over `warmup_steps` steps
+    ((step + 1) / warmup_steps), then cosine decay from 1 to `floor` at `total_steps` (held there
+    after). For `torch.optim.lr_scheduler.LambdaLR`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
