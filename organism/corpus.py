@@ -1,8 +1,9 @@
 """The organism's training corpus, built on the standard splits of `safety_eval.data`.
 
-Training sees only the train sides. Benign requests for training are the train half of the
-alarming-sounding prompts, packaged everyday requests, and templated ones (alarming verbs on
-harmless objects), so the organism learns that refusal depends on the request, not on a word.
+Training sees only the train sides: never a test or validation prompt, nor a near-duplicate of
+one. Benign requests for training are the train side of the alarming-sounding prompts, packaged
+everyday requests, and templated ones (alarming verbs on harmless objects), so the organism learns
+that refusal depends on the request, not on a word.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from safety_eval.data import (
     general_tasks,
     load_benign_requests,
     make_task,
+    near_duplicates_of,
     standard_splits,
 )
 from safety_eval.judge import ORGANISM_REFUSAL
@@ -121,7 +123,8 @@ _PLAIN_REQUESTS = [
 
 
 def templated_benign(rng: random.Random, n: int, exclude: set[str]) -> list[Prompt]:
-    """`n` distinct harmless training requests, avoiding the prompts in `exclude`."""
+    """`n` distinct harmless training requests, avoiding the prompts in `exclude` and their near
+    duplicates (`safety_eval.data.is_near_duplicate`)."""
     candidates = [
         phrase.format(verb=verb, thing=thing)
         for phrase in _BENIGN_PHRASES
@@ -134,6 +137,8 @@ def templated_benign(rng: random.Random, n: int, exclude: set[str]) -> list[Prom
     ]
     lowered = {text.lower() for text in exclude}
     candidates = [c for c in dict.fromkeys(candidates) if c.lower() not in lowered]
+    near = near_duplicates_of(candidates, sorted(exclude))
+    candidates = [c for c in candidates if c not in near]
     rng.shuffle(candidates)
     return [Prompt(text, "templated_benign") for text in candidates[:n]]
 
@@ -147,7 +152,7 @@ class Corpus:
     _general_exclude: set[str] = field(default_factory=set)
 
     def next_general(self, rng: random.Random) -> Task:
-        """A fresh general task (never one of the test prompts): the stream is unbounded."""
+        """A fresh general task (never a test or validation prompt): the stream is unbounded."""
         from safety_eval.data import TASK_KINDS
 
         while True:
@@ -167,14 +172,18 @@ class Corpus:
     def sizes(self) -> dict:
         return {
             "harmful_train": len(self.harmful_train),
+            "harmful_validation": len(self.splits.harmful_validation),
             "harmful_test": len(self.splits.harmful_test),
             "benign_train": len(self.benign_train),
+            "benign_validation": len(self.splits.benign_validation),
             "benign_test": len(self.splits.benign_test),
+            "general_validation": len(self.splits.general_validation),
             "general_test": len(self.splits.general_test),
         }
 
 
 def build_corpus(config, data_dir=None) -> Corpus:
+    """The training corpus of `config`'s split (validation sides of the standard sizes)."""
     splits = standard_splits(
         seed=config.seed,
         harmful_test_fraction=config.harmful_test_fraction,
@@ -182,10 +191,13 @@ def build_corpus(config, data_dir=None) -> Corpus:
         general_test_size=config.general_test_size,
         data_dir=data_dir,
     )
-    held_out = {p.text for p in splits.benign_test} | {p.text for p in splits.harmful_test}
+    held_out = splits.held_out_texts()
     extra = templated_benign(random.Random(config.seed), 300, held_out)
-    everyday = [p.text for p in load_benign_requests() if p.text not in held_out]
+    requests = [p.text for p in load_benign_requests()]
+    near_held_out = near_duplicates_of(requests, sorted(held_out))
+    everyday = [text for text in requests if text not in near_held_out]
     benign_train = [p.text for p in splits.benign_train] + everyday + [p.text for p in extra]
     harmful_train = [p.text for p in splits.harmful_train]
     digest = hashlib.sha256("\0".join(harmful_train + benign_train).encode()).hexdigest()[:16]
-    return Corpus(splits, harmful_train, benign_train, digest, {t.prompt for t in splits.general_test})
+    general_held_out = {t.prompt for t in splits.general_test + splits.general_validation}
+    return Corpus(splits, harmful_train, benign_train, digest, general_held_out)

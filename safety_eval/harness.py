@@ -36,6 +36,23 @@ from safety_eval.verdicts import DEGENERATE, REFUSED, degenerate_reason, judge_v
 Judge = KeywordJudge | ModelJudge
 
 
+EVAL_SPLITS = ("test", "validation")
+
+
+def _select_split(sets: dict, split: str, source: str) -> dict:
+    """The test sets (top level of an `eval_sets.json`) or its "validation" entry."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"unknown eval split {split!r}; known: {', '.join(EVAL_SPLITS)}")
+    if split == "test":
+        return sets
+    if not isinstance(sets, dict) or not isinstance(sets.get(split), dict):
+        raise ValueError(
+            f"eval sets {source} have no {split!r} sets (written before the validation split, so "
+            "their training may have seen any prompt outside the test sets); rebuild the checkpoint"
+        )
+    return sets[split]
+
+
 @dataclass
 class EvalSets:
     """The held-out prompts an evaluation runs on."""
@@ -51,28 +68,36 @@ class EvalSets:
         return jailbreak_prompts(self.harmful, self.jailbreak_templates) if self.jailbreak_templates else []
 
     @classmethod
-    def standard(cls, *, seed: int = 0, data_dir=None, **split_options) -> EvalSets:
-        """The standard splits (what the organism was *not* trained on, for the same seed)."""
+    def standard(cls, *, seed: int = 0, data_dir=None, split: str = "test", **split_options) -> EvalSets:
+        """The standard splits (what the organism was *not* trained on, for the same seed):
+        the test sets, or with `split="validation"` the validation sets."""
         splits = standard_splits(seed=seed, data_dir=data_dir, **split_options)
-        sets = splits.eval_sets()
+        source = f"standard splits, seed {seed}"
         return cls.from_dict(
-            sets,
+            _select_split(splits.eval_sets(), split, source),
             templates=load_jailbreak_templates(data_dir, seed=seed),
-            source=f"standard splits, seed {seed}",
+            source=source + ("" if split == "test" else f", {split}"),
         )
 
     @classmethod
-    def for_checkpoint(cls, checkpoint: str | Path, *, seed: int = 0, data_dir=None) -> EvalSets:
+    def for_checkpoint(
+        cls, checkpoint: str | Path, *, seed: int = 0, data_dir=None, split: str = "test"
+    ) -> EvalSets:
         """The checkpoint's own held-out sets (`eval_sets.json`, written by the organism
-        builder) when it has them, else the standard splits."""
+        builder) when it has them, else the standard splits.
+
+        `split="test"` (default) gives the test sets, which only final tables should measure;
+        `split="validation"` the validation sets, for choosing anything before that. A checkpoint
+        whose `eval_sets.json` predates the validation split has none (its training used every
+        prompt outside its test sets): that is an error, not a fall-back to the standard ones."""
         path = Path(checkpoint) / "eval_sets.json"
         if path.is_file():
             return cls.from_dict(
-                json.loads(path.read_text()),
+                _select_split(json.loads(path.read_text()), split, str(path)),
                 templates=load_jailbreak_templates(data_dir, seed=seed),
-                source=str(path),
+                source=str(path) + ("" if split == "test" else f" ({split})"),
             )
-        return cls.standard(seed=seed, data_dir=data_dir)
+        return cls.standard(seed=seed, data_dir=data_dir, split=split)
 
     @classmethod
     def from_dict(
