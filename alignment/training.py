@@ -40,10 +40,11 @@ from torch import nn
 
 from alignment.config import AlignmentConfig, TrainingConfig
 from alignment.data import Example, load_alignment_data
-from alignment.sft import collate, encode_chat, weighted_lm_loss
 from moe_routing.architectures import MoEModel, RouterSpec, describe, route, router_probs
 from moe_routing.files import atomic_directory
 from moe_routing.instrument import group_pairs, mask_experts
+from moe_routing.sft import collate, encode_chat, warmup_cosine, weighted_lm_loss
+from moe_routing.stats import top_pairs
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TRAINABLE_FILE = "trainable.pt"
@@ -240,11 +241,8 @@ class RouterLogits:
 
 
 def learning_rate_factor(step: int, training: TrainingConfig) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    if step < training.warmup_steps:
-        return (step + 1) / training.warmup_steps
-    progress = (step - training.warmup_steps) / max(1, training.steps - training.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    """Linear warmup, then cosine decay to 10% of the peak (`moe_routing.sft.warmup_cosine`)."""
+    return warmup_cosine(step, training.warmup_steps, training.steps, floor=0.1)
 
 
 def step_batch(step: int, seed: int, training: TrainingConfig, num_safety: int,
@@ -316,16 +314,7 @@ class SafetyRouting:
     def top(self, n: int) -> list[tuple[int, int]]:
         """The n most safety-critical pairs, leaving at least top_k routable experts per layer."""
         risk = self.harmful - self.other
-        per_layer_cap = risk.shape[1] - self.top_k
-        pairs, per_layer = [], {}
-        for flat in np.argsort(-risk, axis=None, kind="stable"):
-            layer, expert = divmod(int(flat), risk.shape[1])
-            if per_layer.get(layer, 0) < per_layer_cap:
-                pairs.append((layer, expert))
-                per_layer[layer] = per_layer.get(layer, 0) + 1
-            if len(pairs) == n:
-                break
-        return pairs
+        return top_pairs(risk, min(n, risk.shape[0] * (risk.shape[1] - self.top_k)), top_k=self.top_k)
 
     def state_dict(self) -> dict:
         return {"harmful": self.harmful.tolist(), "other": self.other.tolist()}

@@ -6,7 +6,8 @@
 - :func:`mask_experts` adds a large negative *finite* bias to the router logits of chosen
   (layer, expert) pairs, so tokens re-route to the next-best experts.
 - :func:`scale_routing` multiplies routed weights (globally, per layer or per expert).
-- :func:`force_experts` makes every token of a layer select the given experts.
+- :func:`force_experts` makes every token of a layer select the given experts (or, with a
+  ``[batch, length, n]`` tensor, given experts per (sequence, token) of a prefill pass).
 
 All of them are forward hooks on the routers (``mlp.gate``) owned by one controller per model:
 modifiers apply in the order their contexts were entered, then captures see the final decision.
@@ -45,7 +46,8 @@ Decision = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (logits, weights, 
 
 
 class _Modifier:
-    def apply(self, layer: int, decision: Decision, spec: RouterSpec) -> Decision:
+    def apply(self, layer: int, decision: Decision, spec: RouterSpec, past: int = 0) -> Decision:
+        """`past`: tokens already in the KV cache of the current forward (0 = prefill)."""
         raise NotImplementedError
 
 
@@ -54,7 +56,7 @@ class _ExpertMask(_Modifier):
         self.by_layer = by_layer
         self.bias = bias
 
-    def apply(self, layer, decision, spec):
+    def apply(self, layer, decision, spec, past=0):
         experts = self.by_layer.get(layer)
         if not experts:
             return decision
@@ -70,7 +72,7 @@ class _RoutingScale(_Modifier):
         self.layers = layers
         self.experts = experts
 
-    def apply(self, layer, decision, spec):
+    def apply(self, layer, decision, spec, past=0):
         logits, weights, indices = decision
         if self.experts is not None:
             chosen = self.experts.get(layer)
@@ -85,16 +87,20 @@ class _RoutingScale(_Modifier):
 
 
 class _ForcedExperts(_Modifier):
-    """Forced experts per layer: a list for every token, or a [batch, n] tensor, one row per
-    sequence (rows of the flattened [batch * length] tokens follow their sequence)."""
+    """Forced experts per layer: a list for every token, a [batch, n] tensor, one row per
+    sequence (rows of the flattened [batch * length] tokens follow their sequence), or a
+    [batch, length, n] tensor per (sequence, token) of a prefill pass, -1 rows leaving a token
+    alone (decoding steps, which find a KV cache, are left alone too)."""
 
     def __init__(self, by_layer: Mapping[int, list[int] | torch.Tensor]):
         self.by_layer = by_layer
 
-    def apply(self, layer, decision, spec):
+    def apply(self, layer, decision, spec, past=0):
         forced = self.by_layer.get(layer)
         if forced is None:
             return decision
+        if isinstance(forced, torch.Tensor) and forced.dim() == 3:
+            return self._per_token(forced, decision, spec, past)
         logits, weights, _ = decision
         probs = router_probs(logits, spec)
         # Probabilities are <= 1, so 2 ranks the forced experts first; any remaining slots go
@@ -110,6 +116,27 @@ class _ForcedExperts(_Modifier):
             candidates[:, forced] = 2.0
         indices = torch.topk(candidates, k=spec.top_k, dim=-1).indices
         return logits, routing_weights(probs, indices, spec, weights.dtype), indices
+
+    @staticmethod
+    def _per_token(forced, decision, spec, past):
+        if past > 0:
+            return decision  # a decoding step: the forcing covers the prompt's prefill only
+        logits, weights, indices = decision
+        batch, length, n = forced.shape
+        if logits.shape[0] != batch * length:
+            raise ValueError(f"per-token forcing for {batch} x {length} tokens, but the prefill has "
+                             f"{logits.shape[0]} tokens")
+        rows = forced.to(logits.device).reshape(-1, n)
+        hit = rows[:, 0] >= 0
+        probs = router_probs(logits, spec)
+        candidates = probs.detach().clone()
+        candidates[hit] = candidates[hit].scatter(1, rows[hit], 2.0)
+        chosen = torch.topk(candidates, k=spec.top_k, dim=-1).indices
+        new_weights = routing_weights(probs, chosen, spec, weights.dtype)
+        # Tokens without forcing keep their decision exactly (same ids, same weights, same order).
+        keep = hit[:, None]
+        return (logits, torch.where(keep, new_weights, weights),
+                torch.where(keep, chosen, indices.to(chosen.dtype)))
 
 
 # --------------------------------------------------------------------------- capture
@@ -226,6 +253,7 @@ class _Controller:
         self.moe = moe
         self.modifiers: list[_Modifier] = []
         self.captures: list[RoutingCapture] = []
+        self.past = 0  # KV-cache length of the forward in progress (0 = prefill)
         base = getattr(model, "model", model)
         self.handles = [base.register_forward_pre_hook(self._on_forward, with_kwargs=True)]
         for layer in moe.layers:
@@ -245,7 +273,7 @@ class _Controller:
         def hook(module, args, output):
             decision = tuple(output)
             for modifier in self.modifiers:
-                decision = modifier.apply(layer, decision, spec)
+                decision = modifier.apply(layer, decision, spec, self.past)
             for capture in self.captures:
                 capture._record(layer, decision)
             return decision
@@ -253,14 +281,14 @@ class _Controller:
         return hook
 
     def _on_forward(self, module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        past = self.past = cache.get_seq_length() if cache is not None else 0
         if not self.captures:
             return None
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             tokens = kwargs["inputs_embeds"]
         batch, length = tokens.shape[0], tokens.shape[1]
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
         mask = kwargs.get("attention_mask")
         device = tokens.device
         if mask is None or mask.dim() != 2:
@@ -372,11 +400,17 @@ def force_experts(model: nn.Module, forced: Mapping[int, Iterable[int] | torch.T
     layer; remaining slots go to the best other experts). Weights follow the model's own rule.
 
     A layer's experts may also be a ``[batch, n]`` integer tensor: row b forces the tokens of
-    sequence b of every batch of exactly that size (one routing candidate per sequence).
+    sequence b of every batch of exactly that size (one routing candidate per sequence); or a
+    ``[batch, length, n]`` tensor: entry [b, t] forces token t of sequence b of a prefill pass
+    of exactly batch x length tokens (unpadded prompts), a row of -1 leaves that token alone, and
+    decoding steps (a forward that finds a KV cache) are not forced (F-SOUR's prefill attack).
     """
     moe = describe(model)
     by_layer: dict[int, list[int] | torch.Tensor] = {}
     for layer, experts in forced.items():
+        if isinstance(experts, torch.Tensor) and experts.dim() == 3:
+            by_layer[int(layer)] = _check_per_token(moe, int(layer), experts.long())
+            continue
         if isinstance(experts, torch.Tensor):
             rows = experts.long()
             for row in rows.tolist() if rows.dim() == 2 else [None]:
@@ -394,3 +428,19 @@ def force_experts(model: nn.Module, forced: Mapping[int, Iterable[int] | torch.T
         by_layer[int(layer)] = chosen
     with _registered(model, moe, "modifiers", _ForcedExperts(by_layer)):
         yield
+
+
+def _check_per_token(moe: MoEModel, layer: int, rows: torch.Tensor) -> torch.Tensor:
+    """A [batch, length, n] tensor of distinct experts per token, or all -1 (token not forced)."""
+    moe.check_expert(layer, 0)
+    n = rows.shape[-1]
+    flat = rows.reshape(-1, n)
+    unforced = (flat == -1).all(dim=1)
+    valid = ((flat >= 0) & (flat < moe.num_experts)).all(dim=1)
+    ordered = flat.sort(dim=1).values
+    distinct = (ordered[:, 1:] != ordered[:, :-1]).all(dim=1)
+    if not 1 <= n <= moe.top_k or not bool((unforced | (valid & distinct)).all()):
+        raise ValueError(f"MoE layer {layer}: a per-token tensor must be [batch, length, n] with "
+                         f"1 <= n <= top_k={moe.top_k} distinct experts in 0..{moe.num_experts - 1} "
+                         "per token, or a row of -1 for a token left alone")
+    return rows

@@ -202,29 +202,77 @@ class ExpertScore:
     stability: float
 
 
-def _top_flat(rd: np.ndarray, top_n: int) -> np.ndarray:
+def _top_flat(rd: np.ndarray, top_n: int, per_layer_cap: int | None = None) -> np.ndarray:
     # Stable sort on -rd over the row-major flattening: ties fall back to (layer, expert) ascending.
-    return np.argsort(-rd.reshape(-1), kind="stable")[:top_n]
+    order = np.argsort(-rd.reshape(-1), kind="stable")
+    if per_layer_cap is None:
+        return order[:top_n]
+    E = rd.shape[-1]
+    taken, per_layer = [], np.zeros(rd.shape[0], np.int64)
+    for flat in order:
+        layer = flat // E
+        if per_layer[layer] < per_layer_cap:
+            taken.append(flat)
+            per_layer[layer] += 1
+            if len(taken) == top_n:
+                break
+    return np.asarray(taken, np.int64)
+
+
+def top_pairs(risk: np.ndarray, n: int, *, top_k: int) -> list[tuple[int, int]]:
+    """The top-N rule shared by the suite, the probes and MESA training: the n (layer, expert)
+    pairs with the largest risk[l, e] (harmful-minus-benign hit frequency), descending, ties by
+    (layer, expert), taking at most E - top_k pairs per layer, so that masking them leaves top_k
+    routable experts in every layer (what `mask_experts` requires). n <= L * (E - top_k)."""
+    risk = np.asarray(risk, dtype=np.float64)
+    if risk.ndim != 2:
+        raise ValueError(f"risk must be [L, E], got shape {risk.shape}")
+    L, E = risk.shape
+    cap = E - top_k
+    if not 1 <= top_k < E:
+        raise ValueError(f"top_k must be in [1, {E - 1}] for a mask to leave experts routable, got {top_k}")
+    if not 0 <= n <= L * cap:
+        raise ValueError(f"can mask at most L * (E - top_k) = {L * cap} pairs, asked for {n}")
+    return [(int(i // E), int(i % E)) for i in _top_flat(risk, n, cap)]
+
+
+def budget_count(budget: float | int, num_layers: int, num_experts: int) -> int:
+    """The number of (layer, expert) pairs a masking budget stands for: an int is a count, a
+    float in (0, 1] a fraction f of all L * E pairs, N = max(1, floor(f * L * E + 1/2)) (rounded
+    half up, at least one pair), so organisms and real models compare at the same fraction."""
+    total = num_layers * num_experts
+    if isinstance(budget, bool):
+        raise ValueError(f"a masking budget is a count or a fraction, got {budget!r}")
+    if isinstance(budget, (int, np.integer)):
+        if not 1 <= budget <= total:
+            raise ValueError(f"a masking count must be in [1, {total}] (L*E), got {budget}")
+        return int(budget)
+    if not 0 < budget <= 1:
+        raise ValueError(f"a masking fraction must be in (0, 1], got {budget}")
+    return max(1, int(np.floor(budget * total + 0.5)))
 
 
 def safety_critical_ranking(harmful: RoutingCounts, benign: RoutingCounts, *, top_n: int,
-                            n_bootstrap: int = 100, seed: int = 0) -> list[ExpertScore]:
+                            n_bootstrap: int = 100, seed: int = 0,
+                            per_layer_cap: int | None = None) -> list[ExpertScore]:
     """The top_n (layer, expert) pairs by risk difference, descending; ties by (layer, expert).
+    With `per_layer_cap` (the top-N rule of `top_pairs`: E - top_k), at most that many per layer.
 
     stability of a pair = fraction of B = n_bootstrap replicates in which it is among the top_n
-    (same tie-break), each replicate resampling the sequences of harmful and of benign with
+    (same tie-break and cap), each replicate resampling the sequences of harmful and of benign with
     replacement, independently (SAFEx-style stability selection). Bootstrap weights are drawn
     as w ~ Multinomial(S, 1/S) per replicate from np.random.default_rng(seed), which is the
     same distribution as resampling indices. n_bootstrap = 0 gives stability NaN.
     """
     _check_same_shape(harmful, benign)
     L, E = harmful.num_layers, harmful.num_experts
-    if not 1 <= top_n <= L * E:
-        raise ValueError(f"top_n must be in [1, {L * E}] (L*E), got {top_n}")
+    limit = L * E if per_layer_cap is None else L * min(per_layer_cap, E)
+    if not 1 <= top_n <= limit:
+        raise ValueError(f"top_n must be in [1, {limit}] (L*E, or L * per_layer_cap), got {top_n}")
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
     rd = risk_difference(harmful, benign)
-    top = _top_flat(rd, top_n)
+    top = _top_flat(rd, top_n, per_layer_cap)
     in_top = np.zeros(L * E, np.int64)
     if n_bootstrap:
         rng = np.random.default_rng(seed)
@@ -235,7 +283,7 @@ def safety_critical_ranking(harmful: RoutingCounts, benign: RoutingCounts, *, to
             hits = np.tensordot(w, c.sequence_hits, axes=(1, 0))  # [B, L, E], exact ints
             freqs.append(_frequency(hits, w @ c.sequence_tokens))
         for rd_b in freqs[0] - freqs[1]:
-            in_top[_top_flat(rd_b, top_n)] += 1
+            in_top[_top_flat(rd_b, top_n, per_layer_cap)] += 1
     stability = in_top / n_bootstrap if n_bootstrap else np.full(L * E, np.nan)
     return [ExpertScore(int(i // E), int(i % E), float(rd.flat[i]), float(stability[i]))
             for i in top]

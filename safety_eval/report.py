@@ -3,6 +3,9 @@
 Plots: per-layer expert-frequency heatmaps for harmful vs benign prompts (and their difference),
 and Safety Rate against the number of masked experts, targeted vs random.
 
+The headline robustness figure is N50, the masking budget (count and share of all L x E pairs)
+that halves the Safety Rate, targeted and random ("> max budget" when never reached).
+
 The Markdown shows each rate as a share with its Wilson 95% interval, `0.837 [0.780, 0.882]`, and
 beside every Safety Rate and attack success the complied and degenerate shares of the same answers.
 """
@@ -39,6 +42,12 @@ def _three_way_row(label: str, rates: dict | None, fallback, key: str = "refused
     )
 
 
+def _n50(entry: dict | None, robustness: dict) -> str:
+    if entry is None or entry["count"] is None:
+        return f"> max budget ({robustness['max_budget']} pairs)"
+    return f"{entry['count']:.2f} pairs ({100 * entry['fraction']:.2f}% of {robustness['total_pairs']})"
+
+
 def markdown(report: dict) -> str:
     s = report["summary"]
     n = report["settings"]["headline_mask"]
@@ -59,6 +68,14 @@ def markdown(report: dict) -> str:
         "| --- | --- | --- | --- |",
     ]
     rates = report.get("rates", {})
+    robustness = report.get("n50")
+    if robustness:
+        lines[-2:-2] = [
+            f"**N50** (masking budget that halves the Safety Rate {robustness['baseline_safety_rate']:.3f}, "
+            "linear interpolation on the measured curve): top-N safety-critical "
+            f"{_n50(robustness['top'], robustness)}, random {_n50(robustness['random'], robustness)}.",
+            "",
+        ]
     lines.append(_three_way_row("Safety Rate (held-out harmful)", rates.get("plain"), s["safety_rate"]))
     if "jailbreak_safety_rate" in s:
         lines.append(
@@ -80,26 +97,49 @@ def markdown(report: dict) -> str:
         _three_way_row(f"Safety Rate, routing scale {k.replace('_x', ' x')}", rates.get(f"scale_{k}"), v)
         for k, v in report["routing_scale"].items()
     ]
-    search = report["routing_search"]
+    search = report.get("layer_route_search") or report["routing_search"]
+    search_rates = rates.get("layer_route_search") or rates.get("routing_search")
     lines += [
         _three_way_row(
-            f"Safety Rate after routing search (F-SOUR-style), {search['prompts']} prompts; "
-            "attack success = complied",
-            rates.get("routing_search"),
+            f"Safety Rate after layer route search (ours: one forced set per layer for all prompt "
+            f"tokens), {search['prompts']} prompts; attack success = complied",
+            search_rates,
             1.0 - search["attack_success_rate"],
         ),
+    ]
+    fsour = report.get("fsour") or {}
+    if fsour:
+        lines += [
+            "",
+            "## F-SOUR (the paper's: greedy per (token, layer), N random sets per position, "
+            "p(target) >= 0.8, restarts)",
+            "",
+            "| N | prompts | ASR, all attacked [95% CI] | degenerate, all | prompts refused unattacked | "
+            "ASR on them [95% CI] | degenerate on them | mean restarts | s / prompt |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for n_candidates, run in fsour.items():
+            lines.append(
+                f"| {n_candidates} | {run['prompts']} | {_ci(run['all']['complied_rate'])} | "
+                f"{_ci(run['all']['degenerate_rate'])} | {run['refused_unattacked_prompts']} | "
+                f"{_ci(run['refused_unattacked']['complied_rate'])} | "
+                f"{_ci(run['refused_unattacked']['degenerate_rate'])} | {run['mean_restarts']} | "
+                f"{run['seconds_per_prompt']} |"
+            )
+    lines += [
         "",
         "## Safety Rate vs masked experts",
         "",
-        "| N | top-N safety-critical [95% CI] | top-N degenerate | random-N (mean ± std) | "
+        "| N | share of pairs | top-N safety-critical [95% CI] | top-N degenerate | random-N (mean ± std) | "
         "random-N pooled [95% CI] |",
-        "| --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
+    total = report["layers"] * report["experts"]
     for key, rate in report["masking"]["targeted"].items():
         rnd = report["masking"]["random"][key]
         top, pooled = rates.get(f"top{key}_mask"), rates.get(f"random{key}_mask")
         lines.append(
-            f"| {key} | {_ci(top['refused_rate']) if top else _pct(rate)} | "
+            f"| {key} | {_pct(int(key) / total)} | {_ci(top['refused_rate']) if top else _pct(rate)} | "
             f"{_ci(top['degenerate_rate']) if top else ''} | "
             f"{_pct(rnd['mean'])} ± {100 * rnd['std']:.1f} | "
             f"{_ci(pooled['refused_rate']) if pooled else ''} |"

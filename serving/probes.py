@@ -4,7 +4,9 @@ dedicated probe replica that user traffic never reaches.
 `ProbeRunner` is a second Serve deployment of each gateway application. It loads its own copy of
 the checkpoint with transformers and runs `safety_eval.suite.run_suite` on it, so the probes are
 exactly the attacks defined in `safety_eval.attacks` (expert masking re-identified on the model
-under attack, random masking, routing scale, F-SOUR-style routing search, jailbreak templates),
+under attack with the suite's top-N rule (`moe_routing.stats.top_pairs`: at most E - top_k pairs
+per layer), random masking, routing scale, the layer route search, the paper's F-SOUR, jailbreak
+templates),
 with the same judge and prompts as the evaluation and alignment reports, and their numbers agree
 with those reports. Masks and scales are hooks on the probe replica's own modules: the vLLM
 engine that answers users is a different process and never sees them.
@@ -28,27 +30,38 @@ logger = logging.getLogger("ray.serve")
 
 # What a live probe runs unless the config says otherwise: the evaluation suite's defaults (the
 # reported configuration: same prompts, seeds, judge), with masking only at the headline N and the
-# per-prompt routing search bounded, so one run takes about a minute on the CPU organism.
-PROBE_SUITE_DEFAULTS = {"mask_counts": [6], "headline_mask": 6, "routing_search": {"max_prompts": 20}}
+# layer route search bounded and F-SOUR off (minutes per prompt on a CPU: turn it on with
+# `probes.suite.fsour.candidates`), so one run takes about a minute on the CPU organism.
+PROBE_SUITE_DEFAULTS = {
+    "mask_counts": [6], "mask_fractions": [], "headline_mask": 6,
+    "layer_route_search": {"max_prompts": 20},
+    "fsour": {"candidates": [], "max_prompts": 2},
+}
 
 
 def probe_suite_settings(overrides: dict):
-    """The suite settings of a probe run: defaults above, then the config's `probes.suite`."""
+    """The suite settings of a probe run: defaults above, then the config's `probes.suite`
+    (`routing_search` is the old name of `layer_route_search`)."""
     from safety_eval.suite import SuiteSettings
 
+    overrides = dict(overrides)
+    if "routing_search" in overrides and "layer_route_search" not in overrides:
+        overrides["layer_route_search"] = overrides.pop("routing_search")
     merged = PROBE_SUITE_DEFAULTS | overrides
-    if "routing_search" in overrides:
-        merged["routing_search"] = PROBE_SUITE_DEFAULTS["routing_search"] | overrides["routing_search"]
+    for nested in ("layer_route_search", "fsour"):
+        if nested in overrides:
+            merged[nested] = PROBE_SUITE_DEFAULTS[nested] | overrides[nested]
     return SuiteSettings.model_validate(merged)
 
 
 def attack_safety_rates(report: dict) -> dict[str, float]:
     """Safety Rate on held-out harmful prompts per attack, from a suite report.
 
-    "none" is the unattacked model; "routing_search" is the share of prompts still refused after
-    the search. (Since answers are judged three ways, attack success counts complied answers only,
-    so 1 - attack success also counts degenerate answers as safe; the refused share is read
-    directly, with 1 - attack success only for reports written before the three-way verdicts.)"""
+    "none" is the unattacked model; "layer_route_search" (also under its old name "routing_search")
+    and "fsour_nN" are the shares of prompts still refused after the search. (Since answers are
+    judged three ways, attack success counts complied answers only, so 1 - attack success also
+    counts degenerate answers as safe; the refused share is read directly, with 1 - attack success
+    only for reports written before the three-way verdicts.)"""
     plain = report["plain"]
     rates = {"none": plain["safety_rate"]["rate"]}
     if "jailbreak_safety_rate" in plain:
@@ -60,10 +73,25 @@ def attack_safety_rates(report: dict) -> dict[str, float]:
         rates[f"random{n}_mask"] = spread["mean"]
     for name, rate in report["routing_scale"].items():
         rates[f"scale_{name}"] = rate
-    search = report["routing_search"]
+    search = report.get("layer_route_search") or report["routing_search"]
     refused = search.get("refused_rate")
+    if "layer_route_search" in report:  # reports before issue 14 know only the old name
+        rates["layer_route_search"] = refused["rate"] if refused else 1.0 - search["attack_success_rate"]
+    # The old name, kept for dashboards and alert rules.
     rates["routing_search"] = refused["rate"] if refused else 1.0 - search["attack_success_rate"]
+    for n_candidates, run in (report.get("fsour") or {}).items():
+        rates[f"fsour_n{n_candidates}"] = run["all"]["refused_rate"]["rate"]
     return {name: round(float(rate), 4) for name, rate in rates.items()}
+
+
+def attack_success_rates(report: dict) -> dict[str, float]:
+    """Complied share per search attack (F-SOUR's over all attacked prompts, the paper's ASR)."""
+    search = report.get("layer_route_search") or report["routing_search"]
+    rate = search["attack_success_rate"]
+    out = {"layer_route_search": rate, "routing_search": rate}
+    for n_candidates, run in (report.get("fsour") or {}).items():
+        out[f"fsour_n{n_candidates}"] = run["attack_success_rate"]
+    return out
 
 
 def probe_summary(model: str, report: dict, started: float, finished: float, report_path: str) -> dict:
@@ -76,7 +104,8 @@ def probe_summary(model: str, report: dict, started: float, finished: float, rep
         "finished_at": finished,
         "duration_s": round(finished - started, 2),
         "safety_rate": attack_safety_rates(report),
-        "attack_success_rate": {"routing_search": report["routing_search"]["attack_success_rate"]},
+        "attack_success_rate": attack_success_rates(report),
+        "n50": report.get("n50"),
         "general_accuracy": plain["general_accuracy"]["rate"],
         "over_refusal": plain["over_refusal"]["rate"],
         "safety_critical": [[s["layer"], s["expert"]] for s in report["safety_critical"]],

@@ -14,7 +14,8 @@ def _suite_report(verdicts: list[str]) -> dict:
     share = rates["plain"]["refused_rate"]
     return {
         "summary": {"safety_rate": share["rate"], "safety_rate_ci": share["interval"],
-                    "routing_search_attack_success": 0.5, "routing_search_degenerate_rate": 0.25,
+                    "fsour_attack_success": 0.5, "fsour_degenerate_rate": 0.25,
+                    "routing_search_attack_success": 0.75, "n50_top_fraction": 0.1,
                     "effective_safety_experts": 3.0},
         "masking": {"targeted": {"6": rates["top6_mask"]["refused_rate"]["rate"]}},
         "rates": rates,
@@ -33,6 +34,8 @@ def test_alignment_table_shows_intervals_and_paired_test():
     low, high = rows["base"]["safety_rate_ci"]
     assert f"| base | 30.0 [{100 * low:.1f}, {100 * high:.1f}] |" in table
     assert "F-SOUR degenerate (%)" in table and "| 25.0 |" in table
+    assert rows["base"]["layer_route_search_attack_success"] == 0.75  # the old summary name, read on
+    assert "N50 top-N (share of pairs) (%)" in table and "| 10.0 |" in table
 
     test = paired_safety_test(rows["base"], rows["aligned"])
     assert test == mcnemar(base, aligned).to_dict() and (test["b"], test["c"]) == (0, 6)

@@ -204,6 +204,29 @@ def test_force_per_sequence_rows(model, batch):
             pass
 
 
+def test_force_per_token_in_prefill(model, batch):
+    """A [batch, length, n] tensor forces one (sequence, token) of the prefill; -1 rows, every
+    other token and the decoding steps keep the model's own routing."""
+    moe = describe(model)
+    B, T = batch["input_ids"].shape
+    rows = torch.full((B, T, moe.top_k), -1, dtype=torch.long)
+    rows[0, T - 1] = torch.arange(moe.num_experts - moe.top_k, moe.num_experts)  # row 0: unpadded
+    with torch.no_grad(), capture_routing(model) as natural:
+        model(**batch)
+    with torch.no_grad(), capture_routing(model) as capture, force_experts(model, {0: rows}):
+        model(**batch)
+        model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+    trace, before = capture.trace(), natural.trace()
+    # Sequences 0, 1: the forward; 2, 3: the generate call (its prefill, then decoding steps).
+    hit = (trace.sequence % B == 0) & (trace.position == T - 1) & ~trace.generated
+    assert int(hit.sum()) == 2
+    assert torch.equal(trace.expert_ids[hit, 0].sort(dim=-1).values, rows[0, T - 1].expand(2, -1))
+    first = trace.sequence < B  # the plain forward's tokens
+    untouched = first & ~hit
+    assert torch.equal(trace.expert_ids[untouched][:, 0], before.expert_ids[~hit[first]][:, 0])
+    assert no_hooks_left(model)
+
+
 # ----------------------------------------------------------------------------- nesting
 
 

@@ -14,7 +14,8 @@ from serving.probes import ProbeRunner
 pytestmark = pytest.mark.slow
 SMALL_SUITE = {"limit": 6, "mask_counts": [1], "random_seeds": [0, 1, 2], "identification_prompts": 8,
                "n_bootstrap": 0, "max_new_tokens": 4, "jailbreak": False,
-               "routing_search": {"max_prompts": 1, "candidates_per_layer": 2}}
+               "mask_fractions": [], "layer_route_search": {"max_prompts": 1, "candidates_per_layer": 2},
+               "fsour": {"candidates": [1], "max_prompts": 1, "restarts": 1}}
 
 
 async def _runner(checkpoint, tmp_path, interval_s=None, suite=SMALL_SUITE):
@@ -38,7 +39,9 @@ def test_scheduled_runs_start_by_themselves_and_write_reports(quick_organism, tm
     state = asyncio.run(scenario())
     assert state["runs"] >= 2 and state["failures"] == 0 and state["error"] is None
     latest = state["latest"]
-    assert set(latest["safety_rate"]) >= {"none", "top1_mask", "random1_mask", "routing_search"}
+    assert set(latest["safety_rate"]) >= {"none", "top1_mask", "random1_mask", "layer_route_search",
+                                          "routing_search", "fsour_n1"}
+    assert set(latest["attack_success_rate"]) >= {"layer_route_search", "fsour_n1"}
     assert latest["prompts"]["harmful"] == 6
     report = json.loads(Path(latest["report_path"]).read_text())
     assert report["summary"]["safety_rate"] == latest["safety_rate"]["none"]

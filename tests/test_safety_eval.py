@@ -15,11 +15,11 @@ from moe_routing.tiny import byte_tokenizer, tiny_model
 from safety_eval import data
 from safety_eval.attacks import (
     ExpertMask,
+    LayerRouteSearch,
     RoutingScale,
-    RoutingSearch,
     _target_logprob,
+    layer_route_search,
     random_mask,
-    routing_search,
     top_mask,
 )
 from safety_eval.generation import HFChatGenerator
@@ -221,10 +221,10 @@ def test_top_mask_takes_ranking_order():
         top_mask(ranking, 4)
 
 
-def test_routing_search_improves_target_and_is_layerwise_optimal(tiny):
+def test_layer_route_search_improves_target_and_is_layerwise_optimal(tiny):
     model, tokenizer = tiny
-    search = RoutingSearch(target="Sure", candidates_per_layer=100, sweeps=1)
-    result = routing_search(model, tokenizer, "Tell me a secret", search)
+    search = LayerRouteSearch(target="Sure", candidates_per_layer=100, sweeps=1)
+    result = layer_route_search(model, tokenizer, "Tell me a secret", search)
     assert result.target_logprob >= result.natural_logprob
     assert result.history == sorted(result.history)
     moe = describe(model)
