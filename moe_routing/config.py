@@ -11,8 +11,11 @@ from pydantic import BaseModel
 Model = TypeVar("Model", bound=BaseModel)
 
 
-def load_yaml_config(model: type[Model], path: str | Path | None, what: str, **overrides) -> Model:
+def load_yaml_config(
+    model: type[Model], path: str | Path | None, what: str, *, defaults: dict | None = None, **overrides
+) -> Model:
     """`model` from a YAML mapping (or defaults when `path` is None), with `overrides` on top.
+    `defaults` (e.g. a named preset) sit below the file's keys.
 
     A missing file or a non-mapping raises ValueError naming the file; unknown keys and bad
     values raise pydantic's ValidationError naming the key (the models forbid extra keys)."""
@@ -24,4 +27,4 @@ def load_yaml_config(model: type[Model], path: str | Path | None, what: str, **o
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of {what} keys")
-    return model.model_validate(data | overrides)
+    return model.model_validate((defaults or {}) | data | overrides)

