@@ -106,6 +106,23 @@ def ray_cli_env(base: dict[str, str] | None = None, *, keep_address: bool = Fals
     return env
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A `host:port` GCS address must accept a TCP connection: ray.init would otherwise retry a
+    dead address for many minutes before it gives up. Other forms (ray://, auto) go to Ray."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise RayClusterError(
+            f"could not join the Ray cluster at {address}: nothing answers there ({error}); "
+            "is the cluster up (`ray status`), and is RAY_ADDRESS right?"
+        ) from error
+
+
 def init_ray(address: str | None = None, *, log: Callable[[str], None] = _say, **kwargs):
     """``ray.init`` with the token in place first. ``address`` None joins ``$RAY_ADDRESS`` when set
     (as `ray job submit` sets it), else starts a local instance; "local" always starts one. A
@@ -125,6 +142,8 @@ def init_ray(address: str | None = None, *, log: Callable[[str], None] = _say, *
     # Never Ray's own fallback for address=None: it joins the cluster a `ray start` recorded in
     # /tmp/ray/ray_current_cluster, which may be long dead, and then hangs retrying it.
     target = address if address is not None else (os.environ.get("RAY_ADDRESS") or "local")
+    if joining:
+        _check_reachable(target)
     try:
         return ray.init(address=target, **kwargs)
     except Exception as error:  # Ray raises ConnectionError, AuthenticationError, RuntimeError ...
