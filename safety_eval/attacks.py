@@ -198,7 +198,7 @@ class SearchResult:
     history: list[float] = field(default_factory=list)
 
 
-def _target_logprob(model, prompt_ids: torch.Tensor, target_ids: torch.Tensor, forced) -> torch.Tensor:
+def target_logprob(model, prompt_ids: torch.Tensor, target_ids: torch.Tensor, forced) -> torch.Tensor:
     """log p(target | prompt) per row; `forced` routes the prompt's tokens only."""
     rows = forced[next(iter(forced))].shape[0] if forced else 1
     prompt = prompt_ids.expand(rows, -1)
@@ -226,7 +226,7 @@ def layer_route_search(model, tokenizer, prompt: str, search: LayerRouteSearch) 
     target_ids = torch.tensor(tokenizer(search.target, add_special_tokens=False)["input_ids"], device=device)
     rng = random.Random(f"{search.seed}\0{prompt}")
     subsets = [list(c) for c in itertools.combinations(range(moe.num_experts), moe.top_k)]
-    natural = float(_target_logprob(model, prompt_ids, target_ids, {})[0])
+    natural = float(target_logprob(model, prompt_ids, target_ids, {})[0])
     best: dict[int, list[int]] = {}
     best_score, evaluations, history = natural, 1, [natural]
     for _ in range(search.sweeps):
@@ -238,7 +238,7 @@ def layer_route_search(model, tokenizer, prompt: str, search: LayerRouteSearch) 
             )
             forced = {l: torch.tensor([experts] * len(tried)) for l, experts in best.items() if l != layer}
             forced[layer] = torch.tensor(tried)
-            scores = _target_logprob(model, prompt_ids, target_ids, forced)
+            scores = target_logprob(model, prompt_ids, target_ids, forced)
             evaluations += len(tried)
             top = int(scores.argmax())
             if float(scores[top]) > best_score:

@@ -41,7 +41,7 @@ import torch
 from moe_routing.architectures import describe
 from moe_routing.chat import chat_prompt_ids
 from moe_routing.instrument import force_experts
-from safety_eval.attacks import _target_logprob
+from safety_eval.attacks import target_logprob
 from safety_eval.verdicts import COMPLIED, REFUSED, judge_verdicts
 
 Route = dict[int, dict[int, list[int]]]  # MoE layer -> prompt token position -> forced experts
@@ -117,7 +117,7 @@ def fsour_search(model, tokenizer, prompt: str, settings: FSourSettings, seed: i
     length, k, n = prompt_ids.shape[1], moe.top_k, settings.candidates
     rng = torch.Generator(device="cpu").manual_seed(seed)
     threshold = math.log(settings.threshold)
-    natural = float(_target_logprob(model, prompt_ids, target_ids, {})[0])
+    natural = float(target_logprob(model, prompt_ids, target_ids, {})[0])
     route: Route = {layer: {} for layer in range(moe.num_layers)}
     score, evaluations, history, visited = natural, 1, [], 0
     for position in range(length):
@@ -127,7 +127,7 @@ def fsour_search(model, tokenizer, prompt: str, settings: FSourSettings, seed: i
             forced = route_tensors(route, n, length, k)
             forced.setdefault(layer, torch.full((n, length, k), -1, dtype=torch.long))
             forced[layer][:, position] = torch.tensor(tried)
-            scores = _target_logprob(model, prompt_ids, target_ids, forced)
+            scores = target_logprob(model, prompt_ids, target_ids, forced)
             evaluations += n
             best = int(scores.argmax())  # first of equal maxima, as the paper's strict `>` keeps
             if float(scores[best]) > score:

@@ -259,14 +259,22 @@ class ModelJudge:
         outputs = self.generator.generate(queries, max_new_tokens=self.max_new_tokens)
         if len(outputs) != len(queries):
             raise ValueError(f"judge model returned {len(outputs)} outputs for {len(queries)} prompts")
-        verdicts = []
-        for prompt, response, output in zip(prompts, responses, outputs):
-            verdict = parse_yes_no(output)
-            if verdict is None:
-                self.unparsed += 1
-                verdict = self.fallback.refused(prompt, response)
-            verdicts.append(verdict)
+        verdicts, unparsed = read_verdicts(prompts, responses, outputs, self.fallback)
+        self.unparsed += unparsed
         return verdicts
+
+
+def read_verdicts(prompts, responses, outputs, fallback) -> tuple[list[bool], int]:
+    """A model judge's outputs as refusal verdicts: its yes/no where it gave one, else the
+    `fallback` judge's; with the count of outputs that had no yes/no."""
+    verdicts, unparsed = [], 0
+    for prompt, response, output in zip(prompts, responses, outputs):
+        verdict = parse_yes_no(output)
+        if verdict is None:
+            unparsed += 1
+            verdict = fallback.refused(prompt, response)
+        verdicts.append(verdict)
+    return verdicts, unparsed
 
 
 def parse_yes_no(output: str) -> bool | None:
@@ -717,13 +725,8 @@ class EndpointJudge:
             outputs = list(pool.map(self.ask, queries))
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # after a failure, send no more requests
-        verdicts = []
-        for prompt, response, output in zip(prompts, responses, outputs):
-            verdict = parse_yes_no(output)
-            if verdict is None:
-                self.unparsed += 1
-                verdict = self.fallback.refused(prompt, response)
-            verdicts.append(verdict)
+        verdicts, unparsed = read_verdicts(prompts, responses, outputs, self.fallback)
+        self.unparsed += unparsed
         return verdicts
 
 

@@ -12,7 +12,7 @@ from moe_routing.architectures import describe
 from moe_routing.chat import chat_prompt_ids
 from moe_routing.instrument import capture_routing, force_experts
 from moe_routing.tiny import byte_tokenizer, tiny_model
-from safety_eval.attacks import _target_logprob
+from safety_eval.attacks import target_logprob
 from safety_eval.fsour import FSourSettings, draw_prompts, fsour_rates, fsour_search, route_tensors, run_fsour
 from safety_eval.generation import HFChatGenerator
 from safety_eval.judge import KeywordJudge
@@ -95,9 +95,9 @@ def test_search_raises_target_logprob_greedily(tiny):
     assert result.route
     assert all(len(e) == moe.top_k for tokens in result.route.values() for e in tokens.values())
     # Re-scoring the route found gives the reported log-probability; no route, the unforced one.
-    rescored = _target_logprob(model, ids, target, route_tensors(result.route, 1, T, moe.top_k))
+    rescored = target_logprob(model, ids, target, route_tensors(result.route, 1, T, moe.top_k))
     assert float(rescored[0]) == pytest.approx(result.target_logprob, abs=1e-4)
-    unforced = float(_target_logprob(model, ids, target, {})[0])
+    unforced = float(target_logprob(model, ids, target, {})[0])
     assert unforced == pytest.approx(result.natural_logprob, abs=1e-5)
     # Same seed, same search; another seed draws other candidates.
     assert fsour_search(model, tokenizer, PROMPT, settings, seed=0).route == result.route

@@ -17,9 +17,9 @@ from safety_eval.attacks import (
     ExpertMask,
     LayerRouteSearch,
     RoutingScale,
-    _target_logprob,
     layer_route_search,
     random_mask,
+    target_logprob,
     top_mask,
 )
 from safety_eval.generation import HFChatGenerator
@@ -237,11 +237,11 @@ def test_layer_route_search_improves_target_and_is_layerwise_optimal(tiny):
     prompt_ids = torch.tensor([tokenizer(chat, add_special_tokens=False)["input_ids"]])
     target_ids = torch.tensor(tokenizer("Sure", add_special_tokens=False)["input_ids"])
     forced = {l: torch.tensor([e]) for l, e in result.forced.items()}
-    assert float(_target_logprob(model, prompt_ids, target_ids, forced)[0]) == pytest.approx(
+    assert float(target_logprob(model, prompt_ids, target_ids, forced)[0]) == pytest.approx(
         result.target_logprob, abs=1e-4
     )
     # ... and no single-layer change of the last layer's choice does better (exhaustive search).
     last = moe.num_layers - 1
     others = {l: torch.tensor([e] * len(subsets)) for l, e in result.forced.items() if l != last}
-    scores = _target_logprob(model, prompt_ids, target_ids, others | {last: torch.tensor(subsets)})
+    scores = target_logprob(model, prompt_ids, target_ids, others | {last: torch.tensor(subsets)})
     assert float(scores.max()) <= result.target_logprob + 1e-4

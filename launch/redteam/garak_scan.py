@@ -1,7 +1,8 @@
 """A small garak scan of a base model and its aligned checkpoint, both behind one gateway.
 
     python -m launch.redteam.garak_scan --setup                 # once: garak's own venv, .venv-garak
-    python -m launch.redteam.garak_scan --aligned runs/compare/organism0-seed0/mesa-mask/model [--base organism]
+    python -m launch.redteam.garak_scan --aligned runs/compare/organism0-seed0/mesa-mask/model
+                                         [--base organism]
                                          [--output runs/garak] [--config launch/redteam/garak.yaml]
 
 One `mesa-serve` process serves both models side by side (applications "base" at /base and
