@@ -89,8 +89,9 @@ class _RoutingScale(_Modifier):
 class _ForcedExperts(_Modifier):
     """Forced experts per layer: a list for every token, a [batch, n] tensor, one row per
     sequence (rows of the flattened [batch * length] tokens follow their sequence), or a
-    [batch, length, n] tensor per (sequence, token) of a prefill pass, -1 rows leaving a token
-    alone (decoding steps, which find a KV cache, are left alone too)."""
+    [batch, length, n] tensor per (sequence, prompt position) of a prefill pass or of a pass
+    continuing a cached prompt prefix, -1 rows leaving a token alone (decoding steps, past the
+    prompt, are left alone too)."""
 
     def __init__(self, by_layer: Mapping[int, list[int] | torch.Tensor]):
         self.by_layer = by_layer
@@ -119,14 +120,17 @@ class _ForcedExperts(_Modifier):
 
     @staticmethod
     def _per_token(forced, decision, spec, past):
-        if past > 0:
-            return decision  # a decoding step: the forcing covers the prompt's prefill only
+        # Entry [b, t] forces the token at position t, so a pass that continues a KV cache of the
+        # prompt's first `past` tokens (F-SOUR's shared prefix) gets positions past.. of each row.
         logits, weights, indices = decision
         batch, length, n = forced.shape
-        if logits.shape[0] != batch * length:
-            raise ValueError(f"per-token forcing for {batch} x {length} tokens, but the prefill has "
-                             f"{logits.shape[0]} tokens")
-        rows = forced.to(logits.device).reshape(-1, n)
+        if past >= length:
+            return decision  # a decoding step: the forcing covers the prompt's prefill only
+        span = logits.shape[0] // batch if logits.shape[0] % batch == 0 else -1
+        if (past == 0 and span != length) or not 0 < span <= length - past:
+            raise ValueError(f"per-token forcing for {batch} x {length} prompt tokens, but the pass has "
+                             f"{logits.shape[0]} tokens after {past} cached")
+        rows = forced[:, past : past + span].to(logits.device).reshape(-1, n)
         hit = rows[:, 0] >= 0
         probs = router_probs(logits, spec)
         candidates = probs.detach().clone()
@@ -402,8 +406,10 @@ def force_experts(model: nn.Module, forced: Mapping[int, Iterable[int] | torch.T
     A layer's experts may also be a ``[batch, n]`` integer tensor: row b forces the tokens of
     sequence b of every batch of exactly that size (one routing candidate per sequence); or a
     ``[batch, length, n]`` tensor: entry [b, t] forces token t of sequence b of a prefill pass
-    of exactly batch x length tokens (unpadded prompts), a row of -1 leaves that token alone, and
-    decoding steps (a forward that finds a KV cache) are not forced (F-SOUR's prefill attack).
+    of exactly batch x length tokens (unpadded prompts), a row of -1 leaves that token alone; a
+    pass continuing a KV cache of the first P prompt tokens gets positions P.. (a shared prefix
+    computed once), and decoding steps (positions >= length) are not forced (F-SOUR's prefill
+    attack).
     """
     moe = describe(model)
     by_layer: dict[int, list[int] | torch.Tensor] = {}

@@ -21,6 +21,7 @@ the budget that halves the Safety Rate off a measured masking curve.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import random
@@ -198,16 +199,23 @@ class SearchResult:
     history: list[float] = field(default_factory=list)
 
 
-def target_logprob(model, prompt_ids: torch.Tensor, target_ids: torch.Tensor, forced) -> torch.Tensor:
-    """log p(target | prompt) per row; `forced` routes the prompt's tokens only."""
+def target_logprob(model, prompt_ids: torch.Tensor, target_ids: torch.Tensor, forced,
+                   prefix=None) -> torch.Tensor:
+    """log p(target | prompt) per row; `forced` routes the prompt's tokens only. `prefix`: the KV
+    cache of one row's first P prompt tokens (`prefix_cache`), shared by every row: only the
+    prompt's tokens P.. run, on each row (F-SOUR scores N candidates after the same prefix)."""
     rows = forced[next(iter(forced))].shape[0] if forced else 1
-    prompt = prompt_ids.expand(rows, -1)
+    start = 0
+    if prefix is not None:
+        start, prefix = prefix.get_seq_length(), copy.deepcopy(prefix)
+        prefix.batch_repeat_interleave(rows)
+    prompt = prompt_ids[:, start:].expand(rows, -1)
     with torch.no_grad():
         if forced:
             with force_experts(model, forced):
-                out = model(input_ids=prompt, use_cache=True)
+                out = model(input_ids=prompt, past_key_values=prefix, use_cache=True)
         else:
-            out = model(input_ids=prompt, use_cache=True)
+            out = model(input_ids=prompt, past_key_values=prefix, use_cache=True)
         first = out.logits[:, -1].log_softmax(-1)[:, target_ids[0]]
         if len(target_ids) == 1:
             return first
@@ -216,6 +224,18 @@ def target_logprob(model, prompt_ids: torch.Tensor, target_ids: torch.Tensor, fo
         ).logits.log_softmax(-1)
         rest = rest.gather(-1, target_ids[1:].expand(rows, -1)[..., None]).squeeze(-1).sum(-1)
     return first + rest
+
+
+def prefix_cache(model, prompt_ids: torch.Tensor, length: int, forced):
+    """KV cache of the first `length` prompt tokens (one row) under `forced` ([1, length, k]
+    per-token tensors, or {}), for `target_logprob(..., prefix=)`; None when length is 0."""
+    if length == 0:
+        return None
+    with torch.no_grad():
+        if forced:
+            with force_experts(model, forced):
+                return model(input_ids=prompt_ids[:, :length], use_cache=True).past_key_values
+        return model(input_ids=prompt_ids[:, :length], use_cache=True).past_key_values
 
 
 def layer_route_search(model, tokenizer, prompt: str, search: LayerRouteSearch) -> SearchResult:

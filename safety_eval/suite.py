@@ -40,7 +40,14 @@ from safety_eval.attacks import (
     top_mask,
 )
 from safety_eval.data import MissingDataError, general_tasks, standard_splits
-from safety_eval.fsour import FSourSettings, draw_prompts, fsour_rates, run_fsour
+from safety_eval.fsour import (
+    FSourSettings,
+    checkpoint_identity,
+    draw_prompts,
+    fsour_entry,
+    fsour_rates,
+    run_fsour,
+)
 from safety_eval.generation import HFChatGenerator
 from safety_eval.harness import EvalSets, evaluate, refusal_rate
 from safety_eval.judge import JudgeError, build_judge, judge_line, judge_report
@@ -73,11 +80,14 @@ def run_suite(
     profile: SafetyProfile | None = None,
     log=lambda message: print(message, flush=True),
     on_phase=lambda name: None,
+    work_dir: str | Path | None = None,
 ) -> dict:
     """Every metric and attack on one checkpoint; returns the report as a dict.
 
     `profile` (harmful vs benign routing of this checkpoint, e.g. from the Ray-sharded profiler
-    on `identification_prompts`) skips the in-process identification profiling. `on_phase(name)` is
+    on `identification_prompts`) skips the in-process identification profiling. `work_dir` (the
+    report's directory under `mesa-eval`) keeps each F-SOUR run's journal, `fsour_nN.jsonl`, so a
+    rerun after a crash resumes the slow attack where it stopped. `on_phase(name)` is
     called as each phase starts (plain, identification, masking, routing_scale, layer_route_search,
     fsour).
 
@@ -186,8 +196,10 @@ def run_suite(
     for n_candidates in settings.fsour.candidates:
         fs = FSourSettings(settings.fsour.target, n_candidates, settings.fsour.threshold,
                            settings.fsour.restarts, settings.seed)
-        results = timed(f"fsour_n{n_candidates}", lambda fs=fs: run_fsour(
-            generator, fsour_prompts, judge, fs, max_new_tokens=settings.max_new_tokens))
+        journal = Path(work_dir) / f"fsour_n{n_candidates}.jsonl" if work_dir else None
+        results = timed(f"fsour_n{n_candidates}", lambda fs=fs, journal=journal: run_fsour(
+            generator, fsour_prompts, judge, fs, max_new_tokens=settings.max_new_tokens,
+            journal=journal, identity=checkpoint_identity(checkpoint)))
         fsour_runs[n_candidates] = (fs, results)
         rates_n = fsour_rates(results)
         log(f"[eval]   F-SOUR N={n_candidates}: ASR {rates_n['all']['complied_rate']['rate']:.3f} "
@@ -285,7 +297,7 @@ def run_suite(
                 for p, r in list(zip(search_prompts, search_results))[:5]
             ],
         },
-        "fsour": {str(n_candidates): _fsour_entry(fs, fsour_prompts, fsour_index, results)
+        "fsour": {str(n_candidates): fsour_entry(fs, fsour_prompts, fsour_index, results)
                   for n_candidates, (fs, results) in fsour_runs.items()},
         "routing": {
             "harmful_frequency": harmful_freq.round(5).tolist(),
@@ -309,39 +321,6 @@ def run_suite(
     report["routing_search"] = report["layer_route_search"]  # its old name, for older readers
     report["summary"] = summary(report)
     return report
-
-
-def _fsour_entry(fs: FSourSettings, prompts: list[str], index: list[int], results) -> dict:
-    """One F-SOUR run: ASR over all attacked prompts (the paper's) and over those refused
-    unattacked, each beside its degenerate share; the cost; a few samples."""
-    three_way = fsour_rates(results)
-    searches = [s for r in results for s in r.searches]
-    return {
-        **fs.to_dict(),
-        "prompts": len(prompts),
-        "prompt_index": index,
-        "attack_success_rate": three_way["all"]["complied_rate"]["rate"],
-        "degenerate_rate": three_way["all"]["degenerate_rate"]["rate"],
-        "refused_unattacked_prompts": len([r for r in results if r.unattacked_verdict == "refused"]),
-        "attack_success_rate_refused_unattacked": three_way["refused_unattacked"]["complied_rate"]["rate"],
-        "degenerate_rate_refused_unattacked": three_way["refused_unattacked"]["degenerate_rate"]["rate"],
-        **three_way,
-        "searches": len(searches),
-        "reached_threshold": sum(s.reached_threshold for s in searches),
-        "mean_restarts": round(sum(r.restarts_used for r in results) / len(results), 3),
-        "mean_evaluations_per_search": round(sum(s.evaluations for s in searches) / len(searches), 1)
-        if searches else 0,
-        "mean_logprob_gain": round(
-            sum(s.target_logprob - s.natural_logprob for s in searches) / len(searches), 4)
-        if searches else 0.0,
-        "seconds_per_prompt": round(sum(r.seconds for r in results) / len(results), 3),
-        "samples": [
-            {"prompt": p, "unattacked_verdict": r.unattacked_verdict, "verdict": r.verdict,
-             "answer": r.answer, "restarts": r.restarts_used,
-             "route": r.searches[-1].route if r.searches else {}}
-            for p, r in list(zip(prompts, results))[:5]
-        ],
-    }
 
 
 def summary(report: dict) -> dict:
@@ -452,7 +431,7 @@ def main(argv: Sequence[str] | None = None, *, resolve=None) -> int:
             checkpoint = resolve(checkpoint or "organism")
         elif checkpoint is None:
             raise ValueError("--checkpoint is required here (the mesa-eval command defaults to the organism)")
-        report = run_suite(checkpoint, settings)
+        report = run_suite(checkpoint, settings, work_dir=args.output)
         paths = write_report(report, args.output)
     except ValidationError as error:
         print(f"mesa-eval: bad settings:\n{error}", file=sys.stderr)

@@ -3,7 +3,9 @@ raises log p(target), stops at the threshold, restarts with new seeds; per-token
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from moe_routing.architectures import describe
 from moe_routing.chat import chat_prompt_ids
 from moe_routing.instrument import capture_routing, force_experts
 from moe_routing.tiny import byte_tokenizer, tiny_model
-from safety_eval.attacks import target_logprob
+from safety_eval.attacks import prefix_cache, target_logprob
 from safety_eval.fsour import FSourSettings, draw_prompts, fsour_rates, fsour_search, route_tensors, run_fsour
 from safety_eval.generation import HFChatGenerator
 from safety_eval.judge import KeywordJudge
@@ -82,6 +84,31 @@ def test_per_token_forcing_covers_the_prefill_only(tiny):
                 pass
 
 
+def test_scores_after_a_shared_prefix_cache_equal_full_passes(tiny):
+    """The search scores its N candidates after the KV cache of the tokens before the position;
+    that must give the full pass's scores, forcing of the cached tokens included."""
+    model, tokenizer = tiny
+    ids, target = _ids(tokenizer)
+    T, k = ids.shape[1], describe(model).top_k
+    gen = torch.Generator().manual_seed(0)
+    for position in (1, T // 2, T - 1):
+        route = {0: {0: [0, 1], position - 1: [2, 3]}, 1: {position: [4, 5]}}
+        before = {layer: {t: e for t, e in tokens.items() if t < position} for layer, tokens in route.items()}
+        prefix = prefix_cache(model, ids, position, route_tensors(before, 1, position, k))
+        assert prefix.get_seq_length() == position
+        forced = route_tensors(route, 5, T, k)
+        forced[0][:, position] = torch.stack([torch.randperm(8, generator=gen)[:k] for _ in range(5)])
+        full = target_logprob(model, ids, target, forced)
+        cached = target_logprob(model, ids, target, forced, prefix=prefix)
+        assert torch.allclose(cached, full, atol=1e-4), (position, cached, full)
+        assert prefix.get_seq_length() == position  # the shared prefix is not consumed
+    assert prefix_cache(model, ids, 0, {}) is None
+    two = prefix_cache(model, ids, 2, {})
+    with pytest.raises(ValueError, match="after 2 cached"):  # a continuation running past the prompt
+        with force_experts(model, {0: torch.full((1, T, k), -1)}), torch.no_grad():
+            model(input_ids=ids, past_key_values=two)
+
+
 def test_search_raises_target_logprob_greedily(tiny):
     model, tokenizer = tiny
     settings = FSourSettings(target=TARGET, candidates=10, threshold=NEVER)
@@ -137,6 +164,42 @@ def test_attack_restarts_with_new_seeds_until_compliance(tiny):
     assert rates["all"]["complied_rate"]["n"] == 2
     refused = sum(r.unattacked_verdict == "refused" for r in results)
     assert rates["refused_unattacked"]["complied_rate"]["n"] == refused
+
+
+def test_a_journal_resumes_a_killed_run_and_restarts_for_other_settings(tiny, tmp_path, monkeypatch):
+    model, tokenizer = tiny
+    generator = HFChatGenerator(model, tokenizer, batch_size=4)
+    prompts = [PROMPT, "Hey"]
+    settings = FSourSettings(target=TARGET, candidates=1, threshold=NEVER, restarts=2)
+    journal = tmp_path / "fsour_n1.jsonl"
+    first = run_fsour(generator, prompts, KeywordJudge(), settings, max_new_tokens=4, journal=journal,
+                      identity="tiny")
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["fsour_journal"]["model"] == "tiny"
+    # A run killed during the second prompt (its line half written): only that prompt runs again.
+    journal.write_text("\n".join(lines[:2]) + "\n" + lines[2][:20])
+    import safety_eval.fsour as fsour
+
+    searched = []
+    real = fsour.fsour_search
+    monkeypatch.setattr(fsour, "fsour_search", lambda *a, **k: searched.append(a[2]) or real(*a, **k))
+    again = run_fsour(generator, prompts, KeywordJudge(), settings, max_new_tokens=4, journal=journal,
+                      identity="tiny")
+    assert [asdict(r) | {"seconds": 0} for r in again] == [asdict(r) | {"seconds": 0} for r in first]
+    assert set(searched) <= {"Hey"}  # the first prompt came from the journal
+    # Another model or other settings: the journal is not reused.
+    searched.clear()
+    run_fsour(generator, prompts, KeywordJudge(), settings, max_new_tokens=4, journal=journal, identity="other")
+    assert json.loads(journal.read_text().splitlines()[0])["fsour_journal"]["model"] == "other"
+    assert PROMPT in searched or first[0].restarts_used == 0
+
+
+def test_the_fsour_command_fails_in_one_line_on_a_missing_checkpoint(tmp_path, capsys):
+    from safety_eval.fsour import main
+
+    assert main(["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fsour: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_prompts_are_drawn_at_random_with_a_seed():
