@@ -189,7 +189,8 @@ def test_a_journal_resumes_a_killed_run_and_restarts_for_other_settings(tiny, tm
     assert set(searched) <= {"Hey"}  # the first prompt came from the journal
     # Another model or other settings: the journal is not reused.
     searched.clear()
-    run_fsour(generator, prompts, KeywordJudge(), settings, max_new_tokens=4, journal=journal, identity="other")
+    run_fsour(generator, prompts, KeywordJudge(), settings, max_new_tokens=4, journal=journal,
+              identity="other")
     assert json.loads(journal.read_text().splitlines()[0])["fsour_journal"]["model"] == "other"
     assert PROMPT in searched or first[0].restarts_used == 0
 
