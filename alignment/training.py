@@ -42,6 +42,7 @@ from alignment.config import AlignmentConfig, TrainingConfig
 from alignment.data import Example, load_alignment_data
 from moe_routing.architectures import MoEModel, RouterSpec, describe, route, router_probs
 from moe_routing.files import atomic_directory
+from moe_routing.fingerprint import write_manifest
 from moe_routing.instrument import group_pairs, mask_experts
 from moe_routing.sft import collate, encode_chat, warmup_cosine, weighted_lm_loss
 from moe_routing.stats import top_pairs
@@ -522,6 +523,7 @@ def export_checkpoint(config: AlignmentConfig, base_checkpoint: str | Path, trai
         if held_out.is_file():
             shutil.copy(held_out, staging / "eval_sets.json")
         (staging / "alignment.json").write_text(json.dumps(info, indent=1))
+        write_manifest(model, staging)  # the gateway checks the served weights against it
     return output_dir
 
 

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from moe_routing.config import load_yaml_config
 from moe_routing.files import atomic_directory
+from moe_routing.fingerprint import write_manifest
 from moe_routing.sft import collate, encode_chat, warmup_cosine
 from organism.corpus import COMPLIANCE_TEMPLATES, ORGANISM_REFUSAL, RECOGNITION_TEMPLATE, Corpus, build_corpus
 
@@ -364,6 +365,7 @@ def build_organism(config: OrganismConfig, output_dir: str | Path, *, data_dir=N
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         }
         (staging / "organism.json").write_text(json.dumps(info, indent=1))
+        write_manifest(model, staging)  # the gateway checks the served weights against it
     log(f"[organism] built in {info['build_seconds']} s -> {output_dir}")
     return output_dir
 

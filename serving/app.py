@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.openai.completion.protocol import CompletionResponse
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
+from moe_routing.fingerprint import MANIFEST_FILE, ManifestError, combine, compare, read_manifest
 from serving.audit import AuditLog, prompt_text
 from serving.auth import KeyChecker, route_path  # noqa: F401  (route_path: its historical import path)
 from serving.config import (
@@ -58,6 +60,8 @@ from serving.telemetry import RoutingShape, RoutingTelemetry, json_safe, request
 
 logger = logging.getLogger("ray.serve")
 WORKER_EXTENSION = "serving.routing_worker.RoutingRecorder"
+MAX_REPORTED_MISMATCHES = 50  # /admin/config stays small on a 48-layer x 128-expert model
+INTEGRITY_GAUGE = {"ok": 1, "mismatch": 0}  # anything else (no or unreadable manifest, error): -1
 
 
 @dataclass(frozen=True)
@@ -104,11 +108,12 @@ class Gateway:
             setattr(args, key, value)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         telemetry = self.config.telemetry
+        # The extension also computes the integrity fingerprint, so it is there even without telemetry.
+        engine_args.worker_extension_cls = WORKER_EXTENSION
         if telemetry.enabled:
             if not engine_args.enforce_eager:
                 logger.warning("routing telemetry needs eager mode: setting enforce_eager=True")
             engine_args.enforce_eager = True
-            engine_args.worker_extension_cls = WORKER_EXTENSION
             if engine_args.pipeline_parallel_size != 1:
                 raise ValueError("routing telemetry does not support pipeline parallelism")
         self.engine = AsyncLLM.from_engine_args(engine_args)
@@ -125,6 +130,8 @@ class Gateway:
                 safety_experts=settings.safety_experts, per_expert_metrics=telemetry.per_expert_metrics)
             self._poller = asyncio.get_running_loop().create_task(self._poll_routing())
             self.metrics.telemetry_errors.labels(self.name)  # exported at 0, so increase() sees the first
+        self.integrity: dict = {"status": "not checked"}
+        await self.run_integrity_check()
         self.probe_runner = probe_runner  # a handle to serving.probes.ProbeRunner, or None
         self._probe_seen = {"runs": 0, "failures": 0, "finished_at": None}
         self._probe_poller = None
@@ -292,7 +299,47 @@ class Gateway:
         config = self.config.model_dump(exclude={"api_keys", "admin_key"})
         return {"model": self.name, "checkpoint": self.settings.checkpoint, "config": config,
                 "safety_experts": [list(p) for p in self.settings.safety_experts],
-                "safety_experts_source": self.settings.safety_experts_source}
+                "safety_experts_source": self.settings.safety_experts_source,
+                "integrity": json_safe(self.integrity)}
+
+    async def run_integrity_check(self) -> dict:
+        """Compare the engine's router and expert fingerprints with the checkpoint's manifest
+        (README, Serving: model integrity); sets the gauge and `self.integrity`. Never raises:
+        a failed check is reported, and serving goes on."""
+        started = time.monotonic()
+        try:
+            manifest = read_manifest(self.settings.checkpoint)
+        except ManifestError as error:
+            result = {"status": "invalid manifest", "error": str(error)}
+        else:
+            result = {"status": "no manifest"} if manifest is None else await self._compare_engine(manifest)
+        result |= {"checked_at": time.time(), "duration_s": round(time.monotonic() - started, 3)}
+        self.metrics.integrity_ok.labels(self.name).set(INTEGRITY_GAUGE.get(result["status"], -1))
+        if result["status"] == "mismatch":
+            logger.warning("model integrity check FAILED for %s: %s of %s (layer, expert) pairs differ "
+                           "from %s", self.name, result.get("mismatch_count", "all"),
+                           result.get("checked_pairs", "?"), MANIFEST_FILE)
+        elif result["status"] != "ok":
+            logger.warning("model integrity not checked for %s: %s", self.name, result["status"])
+        self.integrity = result
+        return result
+
+    async def _compare_engine(self, manifest: dict) -> dict:
+        try:
+            served = combine(await self.engine.collective_rpc("routing_fingerprint"))
+        except Exception as error:  # e.g. an engine layout the fingerprint cannot read
+            return {"status": "error", "error": f"{type(error).__name__}: {str(error)[:300]}"}
+        try:
+            result = compare(manifest, served)
+        except ManifestError as error:  # the manifest describes another model: not a match
+            return {"status": "mismatch", "error": str(error)}
+        mismatches = result.pop("mismatches")
+        return {"status": "ok" if result.pop("ok") else "mismatch", **result,
+                "mismatch_count": len(mismatches), "mismatches": mismatches[:MAX_REPORTED_MISMATCHES]}
+
+    async def check_integrity(self):
+        """POST /admin/integrity: run the check now (e.g. after an incident) and return it."""
+        return JSONResponse(json_safe(await self.run_integrity_check()))
 
     async def start_probes(self):
         """Start a probe run on the probe replica (202), or report the one already running (409)."""

@@ -64,6 +64,10 @@ class GatewayMetrics:
         self.telemetry_errors = Counter(
             "mesa_routing_telemetry_errors", "Failed pulls of routing counts from the engine",
             ["model"], registry=r)
+        self.integrity_ok = Gauge(
+            "mesa_model_integrity_ok", "Router and expert weights as loaded in the engine match the "
+            "checkpoint's routing_manifest.json: 1 match, 0 mismatch, -1 not checked (no manifest, "
+            "unreadable manifest or unsupported engine layout)", ["model"], registry=r)
         # Live attack probes (serving.probes): the latest finished run of each model.
         self.probe_safety_rate = Gauge(
             "mesa_probe_safety_rate", "Latest probe: Safety Rate on held-out harmful prompts under "

@@ -166,6 +166,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.get("/v1/routing")(gateway.routing)
     app.post("/admin/telemetry/reset")(gateway.reset_telemetry)
     app.get("/admin/config")(gateway.admin_config)
+    app.post("/admin/integrity")(gateway.check_integrity)
     app.post("/admin/probes")(gateway.start_probes)
     app.get("/admin/probes")(gateway.probes)
     return app

@@ -15,6 +15,10 @@ once, and used by every layer's hook: no host sync per layer. Requests whose id 
 
 Hooks run only in eager mode (CUDA graphs and torch.compile skip Python hooks), so the gateway
 enables `enforce_eager` when telemetry is on.
+
+`routing_fingerprint` computes the integrity fingerprint (`moe_routing.fingerprint`) of the
+routers and experts from the engine's own modules, for the gateway to compare with the
+checkpoint's manifest.
 """
 
 from __future__ import annotations
@@ -28,12 +32,18 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from moe_routing import fingerprint
 from moe_routing.architectures import check_supported, router_spec_from_config, selected_experts
 
 TRACK_MARKER = "mesa-route-"
 TRACK_KEY_LENGTH = len(TRACK_MARKER) + 32  # the marker and a uuid4 hex
 MAX_TRACKED_REQUESTS = 1024  # summaries never collected (aborted requests) are evicted beyond this
 _ROUTER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.gate$")
+_SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts")  # Qwen2-MoE, DeepSeek-V2
+# Fused-MoE backends that keep w13/w2 as [E, 2I, H] / [E, H, I] (padding aside); CPU also prepacks
+# each expert's matrices, which `_expert_packing` replays on the templates. Others (FlashInfer,
+# AITER, XPU) reorder or transpose weights in ways not replayed here.
+_PLAIN_MOE_BACKENDS = ("TRITON", "BATCHED_TRITON", "CPU")
 PROMPT, GENERATED, DISCARD = 0, 1, 2
 
 
@@ -178,3 +188,133 @@ class RoutingRecorder:
             return None
         L, E = state["shape"]["num_layers"], state["shape"]["num_experts"]
         return buffer.view(L, E).cpu().tolist()
+
+    # ---- integrity fingerprint (moe_routing.fingerprint) ----
+
+    @torch.no_grad()
+    def routing_fingerprint(self) -> dict:
+        """This worker's raw fingerprint of every MoE layer (`fingerprint.combine` sums the
+        tensor-parallel shards), computed from the weights the engine computes with."""
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        runner = self.model_runner
+        hf_config = runner.model_config.hf_config
+        architecture = check_supported(hf_config)
+        modules = dict(runner.model.named_modules())
+        routers = sorted((int(m.group(1)), name) for name in modules if (m := _ROUTER_NAME.search(name)))
+        if not routers:
+            raise RuntimeError("no MoE router modules (*.layers.N.mlp.gate) found in the vLLM model")
+        tp = (get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+        layers = []
+        for decoder_layer, router_name in routers:
+            block = router_name.removesuffix(".gate")
+            router = modules[router_name]
+            raw = {"decoder_layer": decoder_layer,
+                   "router": fingerprint.router_raw_stats(_linear_weight(router)).tolist()}
+            raw |= _expert_raw_stats(_routed_experts(modules, block), tp)
+            for name in _SHARED_EXPERT_NAMES:
+                shared = modules.get(f"{block}.{name}")
+                if shared is not None and hasattr(shared, "gate_up_proj") and hasattr(shared, "down_proj"):
+                    raw["shared"] = _shared_raw_stats(shared, tp)
+            layers.append(raw)
+        return {"architecture": architecture, "num_experts": router_spec_from_config(hf_config).num_experts,
+                "layers": layers, "tp_rank": tp[0]}
+
+
+def _linear_weight(module) -> torch.Tensor:
+    """A vLLM linear layer's [out, in] weight (no bias is read). vLLM's CPU path prepacks linear
+    weights for oneDNN and leaves an empty `weight`; then the layer is probed with the identity,
+    which returns the weight exactly (one product by 1.0 per output)."""
+    weight = module.weight
+    if weight.dim() == 2 and weight.numel() > 0:
+        return weight
+    # Column- and row-parallel layers know their shard's input size; replicated ones the full one.
+    in_size = getattr(module, "input_size_per_partition", None) or getattr(module, "input_size", None)
+    if in_size is None:
+        raise RuntimeError(f"{type(module).__name__}: weight is packed and its input size is unknown")
+    columns = []
+    for start in range(0, in_size, 1024):  # bounded batches: the router may have a small-batch kernel
+        probe = torch.eye(in_size, dtype=weight.dtype, device=weight.device)[start : start + 1024]
+        output = module(probe)
+        columns.append((output[0] if isinstance(output, tuple) else output).float())
+    return torch.cat(columns).T
+
+
+def _routed_experts(modules: dict, block: str):
+    """The fused routed-experts module of a MoE block (`mlp.experts` or a child of it)."""
+    candidates = [m for name, m in modules.items()
+                  if (name == f"{block}.experts" or name.startswith(f"{block}.experts."))
+                  and isinstance(getattr(m, "w13_weight", None), torch.Tensor)]
+    if len(candidates) != 1:
+        raise RuntimeError(f"{block}: expected one fused experts module, found {len(candidates)}")
+    experts = candidates[0]
+    local, total = getattr(experts, "local_num_experts", None), getattr(experts, "global_num_experts", None)
+    if local is not None and total is not None and local != total:
+        raise RuntimeError("the integrity check does not support expert parallelism")
+    return experts
+
+
+def _expert_packing(experts):
+    """The function that puts a [T, ...] tensor in the experts' kernel layout (identity, or the
+    CPU kernel's per-expert prepacking)."""
+    method = getattr(experts, "quant_method", None)
+    backend = getattr(getattr(method, "unquantized_backend", None), "name", None)
+    if type(method).__name__ != "UnquantizedFusedMoEMethod" or backend not in _PLAIN_MOE_BACKENDS:
+        raise RuntimeError(f"the integrity check does not support the MoE method {type(method).__name__} "
+                           f"with backend {backend}")
+    if backend != "CPU":
+        return lambda t: t
+    kernel = getattr(getattr(method, "moe_kernel", None), "fused_experts", None)
+    if getattr(kernel, "_use_zentorch", False):
+        return lambda t: t
+    isa = getattr(kernel, "isa", None)
+    if isa is None:
+        raise RuntimeError(f"unknown CPU MoE kernel {type(kernel).__name__}: its weight layout is not known")
+    from vllm import _custom_ops
+
+    return lambda t: _custom_ops.cpu_prepack_moe_weight(t.contiguous(), isa)
+
+
+def _expert_raw_stats(experts, tp: tuple[int, int]) -> dict:
+    """Raw stats of the gate, up and down matrices of every routed expert, from the fused
+    w13 [E, 2P, H] (gate rows [0, I), up rows [P, P + I); P >= I when the kernel pads) and
+    w2 [E, H, P], through mask and pattern templates laid out and packed like one expert."""
+    w13, w2 = experts.w13_weight, experts.w2_weight
+    tp_rank, tp_size = tp
+    padded, hidden = w13.shape[1] // 2, w13.shape[2]
+    inner = int(getattr(experts, "intermediate_size_per_partition", padded))
+    rows = (tp_rank * inner, (tp_rank + 1) * inner)  # this shard's share of the global I
+    full_inner = inner * tp_size
+    pack = _expert_packing(experts)
+    k = fingerprint.NUM_PATTERNS
+    up_gate = torch.zeros(2 * (1 + k), 2 * padded, hidden, device=w13.device)
+    for slot, start in ((0, 0), (1 + k, padded)):  # gate, then up
+        up_gate[slot, start : start + inner] = 1
+        up_gate[slot + 1 : slot + 1 + k, start : start + inner] = fingerprint.sign_patterns(
+            (full_inner, hidden), rows=rows, device=w13.device)
+    down = torch.zeros(1 + k, hidden, padded, device=w2.device)
+    down[0, :, :inner] = 1
+    down[1:, :, :inner] = fingerprint.sign_patterns((hidden, full_inner), cols=rows, device=w2.device)
+    up_gate, down = pack(up_gate.to(w13.dtype)), pack(down.to(w2.dtype))
+    stats = {}
+    for name, slot in (("gate", 0), ("up", 1 + k)):
+        stats[name] = fingerprint.raw_stats(w13, up_gate[slot], up_gate[slot + 1 : slot + 1 + k]).tolist()
+    stats["down"] = fingerprint.raw_stats(w2, down[0], down[1:]).tolist()
+    return stats
+
+
+def _shared_raw_stats(shared, tp: tuple[int, int]) -> dict:
+    """Raw stats of a shared expert (merged gate_up_proj [2I, H] column-parallel, down_proj
+    [H, I] row-parallel): as one expert, on this shard's global index ranges."""
+    tp_rank, tp_size = tp
+    gate_up, down = _linear_weight(shared.gate_up_proj), _linear_weight(shared.down_proj)
+    inner, hidden = gate_up.shape[0] // 2, gate_up.shape[1]
+    rows = (tp_rank * inner, (tp_rank + 1) * inner)
+    shape = (inner * tp_size, hidden)
+    stats = {}
+    for name, part in (("gate", gate_up[:inner]), ("up", gate_up[inner:])):
+        patterns = fingerprint.sign_patterns(shape, rows=rows, device=part.device)
+        stats[name] = fingerprint.raw_stats(part[None], torch.ones(part.shape), patterns).tolist()
+    patterns = fingerprint.sign_patterns((hidden, inner * tp_size), cols=rows, device=down.device)
+    stats["down"] = fingerprint.raw_stats(down[None], torch.ones(down.shape), patterns).tolist()
+    return stats
