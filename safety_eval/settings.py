@@ -25,9 +25,10 @@ class FSourSuiteSettings(BaseModel):
     """The paper's F-SOUR (`safety_eval.fsour`), run once per entry of `candidates` (N random
     k-subsets per (token, layer) position; the paper's scripts use 10 and 100; [] turns it off).
     Its cost is about T * L batched forwards of N rows per search (T prompt tokens, L MoE layers),
-    up to `restarts` searches per prompt. Off by default: at N=10 one prompt takes 0.5-5 minutes
-    on the 2-core CPU organism, at N=100 more than 5, which every alignment evaluation and the
-    demo would pay; `safety_eval/configs/fsour.yaml` runs the paper's N=10 and N=100."""
+    up to `restarts` searches per prompt. Off by default: on the `fine` organism with 1 CPU
+    thread a refused prompt takes about 30 s at N=10 and 90 s at N=100 (one restart; up to 5x
+    with more), which every alignment evaluation and the demo would pay;
+    `safety_eval/configs/fsour.yaml` runs the paper's N=10 and N=100."""
 
     model_config = ConfigDict(extra="forbid")
     candidates: list[int] = Field(default_factory=list)
