@@ -26,8 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from alignment.config import AlignmentConfig, load_config
+from alignment.methods import ABLATIONS, METHODS, apply_settings
 
-METHODS = ("sft_all", "router_only", "safex", "lora", "mesa")
+# Default rows; any method of alignment.methods.METHODS or ablation of ABLATIONS may be asked for.
+DEFAULT_ROWS = ("sft_all", "router_only", "safex", "lora", "mesa_paper", "mesa")
+ROWS = (*METHODS, *ABLATIONS)
 AUGMENTED = "+mask"  # row suffix: the method with masking augmentation (training.mask_augmentation)
 DEFAULT_SEEDS = (0, 1, 2)
 MIN_SEEDS = 3  # the command's minimum: a mean and a spread
@@ -76,10 +79,13 @@ def replicate_config(config: AlignmentConfig, replicate: Replicate) -> Alignment
 
 
 def row_config(config: AlignmentConfig, row: str, output: Path, mask_augmentation: float) -> AlignmentConfig:
-    """The config of one row: `config` with the row's method (and augmentation) and directory."""
+    """The config of one row: `config` with the row's method (an ablation: `mesa` with one part
+    switched back to the paper's), its augmentation and its directory."""
     data = config.model_dump()
     method = row.removesuffix(AUGMENTED)
-    data["training"]["method"] = method
+    if method in ABLATIONS:
+        data = apply_settings(data, ABLATIONS[method])
+    data["training"]["method"] = "mesa" if method in ABLATIONS else method
     data["training"]["mask_augmentation"] = mask_augmentation if row.endswith(AUGMENTED) else 0.0
     data["output_dir"] = str(output / row.replace(AUGMENTED, "-mask"))
     data["evaluation"]["base"] = False
@@ -90,7 +96,7 @@ def _p_values(tests: list[dict | None]) -> str:
     return " / ".join("n/a" if t is None else f"{t['p_value']:.3g}" for t in tests)
 
 
-def compare(config: AlignmentConfig, output: Path, methods=METHODS, mask_augmentation: float = 0.5,
+def compare(config: AlignmentConfig, output: Path, methods=DEFAULT_ROWS, mask_augmentation: float = 0.5,
             seeds: Sequence[Replicate] | None = None) -> dict:
     """Every method on every replicate (default: the config's own organism and training seed)."""
     from alignment.report import (
@@ -153,7 +159,9 @@ def compare(config: AlignmentConfig, output: Path, methods=METHODS, mask_augment
     notes = (
         f"Mean ± sd (sample standard deviation) over {len(per_seed)} replicate(s): {listed}. "
         + (f"Model `{config.model}`; " if not organism else "Model: the organism of each organism seed; ")
-        + "config: same for every row except training.method, and training.mask_augmentation = "
+        + "config: same for every row except training.method (mesa_paper pins the paper's "
+        "selection, eps, router target and no forced routes; an ablation row mesa_no_X is mesa with "
+        "part X switched back to the paper's), and training.mask_augmentation = "
         f"{mask_augmentation} on the {AUGMENTED} rows (0 elsewhere). The organism seed picks the "
         "organism (its data split and held-out prompts follow it); the training seed changes training "
         "only. 'train s' = seconds of the training loop on the configured workers. Masking "
@@ -197,9 +205,10 @@ def main(argv=None) -> int:
                                      "(results table: mean ± sd, per-seed values, McNemar per seed)")
     parser.add_argument("--config", help="YAML alignment config (the method and seeds are replaced per row)")
     parser.add_argument("--output", default="runs/compare", help="output directory")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated rows (default {','.join(METHODS)}); a method with the "
-                        f"suffix {AUGMENTED} trains with masking augmentation")
+    parser.add_argument("--methods", default=",".join(DEFAULT_ROWS),
+                        help=f"comma-separated rows (default {','.join(DEFAULT_ROWS)}; also "
+                        f"{', '.join(ABLATIONS)}); a row with the suffix {AUGMENTED} trains with "
+                        "masking augmentation")
     parser.add_argument("--mask-augmentation", type=float, default=0.5,
                         help="training.mask_augmentation of the +mask rows (default 0.5)")
     parser.add_argument("--seeds", type=_int_list, default=list(DEFAULT_SEEDS),
@@ -210,9 +219,12 @@ def main(argv=None) -> int:
                         "(default: the same numbers; one value: the same organism for every replicate)")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = {m for m in methods if m.removesuffix(AUGMENTED) not in METHODS}
+    unknown = {m for m in methods if m.removesuffix(AUGMENTED) not in ROWS}
     if unknown or not methods:
-        parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(ROWS)}")
+    pinned = [m for m in methods if m.endswith(AUGMENTED) and m.removesuffix(AUGMENTED) == "mesa_paper"]
+    if pinned:
+        parser.error("mesa_paper runs without masking augmentation (the paper's method); drop the suffix")
     from alignment.run import explain_errors
 
     if not 0 < args.mask_augmentation <= 1:

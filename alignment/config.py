@@ -12,16 +12,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from alignment.allocation import AllocationSettings
+from alignment.methods import METHODS, apply_settings
 from moe_routing.config import load_yaml_config
 from safety_eval.settings import SuiteSettings  # light (no torch), unlike safety_eval.suite
 
-# What is trained (README, Aligning a model with MESA and the baselines of issue 4):
-#   mesa         the experts selected by the OT allocation + every router, SFT + gamma * OT-KL
-#   sft_all      every parameter, SFT
-#   router_only  the routers only, SFT
-#   safex        the top safety-critical experts (risk difference, SAFEx-style), SFT
-#   lora         LoRA adapters (peft) on attention and routers, SFT; merged at export
-Method = Literal["mesa", "sft_all", "router_only", "safex", "lora"]
+# What each method trains and which of MESA's parts it uses: alignment.methods.METHODS.
+Method = Literal[tuple(METHODS)]
 
 
 class DataConfig(BaseModel):
@@ -51,13 +47,21 @@ class TrainingConfig(BaseModel):
     learning_rate: float = Field(1e-3, gt=0, lt=1)
     warmup_steps: int = Field(10, ge=0)
     # Share of each batch drawn from D_general; those rows enter the OT-KL router loss (their
-    # routing stays at the reference's) and the SFT loss with weight `general_replay`.
+    # routing stays at the reference's) and the SFT loss with weight `general_replay`. Replay is
+    # on for every method, so no baseline's alignment tax is overstated by missing general data.
     general_share: float = Field(0.25, ge=0, lt=1)
-    general_replay: float = Field(0.0, ge=0)
-    gamma: float = Field(1.0, ge=0)  # weight of the OT-KL router loss (mesa only)
-    # Router target for safety rows [choice]: P_ref * exp(-C~ / router_tau), C~ = 0 on the selected
-    # experts and 1 elsewhere; smaller tau pushes harder towards the selected experts.
+    general_replay: float = Field(1.0, ge=0)
+    gamma: float = Field(1.0, ge=0)  # weight of the OT-KL router loss (mesa, mesa_paper)
+    # Router target of safety tokens (alignment.router_loss): transport [ours] spreads them over
+    # the safety set with a capacity per expert; tilt [paper] is P_ref * exp(-C~ / router_tau)
+    # with C~ = 0 on the safety set and 1 elsewhere (smaller tau pushes harder).
+    router_target: Literal["transport", "tilt"] = "transport"
     router_tau: float = Field(0.25, gt=0)
+    router_eps: float = Field(1.0, gt=0)  # transport: entropic regularisation of the token plan
+    # Forced routes [ours]: with this probability a step trains the harmful rows under routes
+    # forced onto random k-subsets of each layer's safety set, so every member learns to refuse
+    # on its own, not only in its usual company. 0 = off.
+    forced_routes: float = Field(0.5, ge=0, le=1)
     # Masking augmentation [ours, not in the paper]: with this probability a step trains under a
     # mask of the currently most safety-critical pairs (N uniform in 1..mask_max), the attack the
     # model must survive. 0 = off (paper MESA).
@@ -107,6 +111,25 @@ class AlignmentConfig(BaseModel):
     allocation: AllocationSettings = AllocationSettings()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pin_method_settings(cls, data):
+        """A method's pinned settings (mesa_paper: the paper's) replace the config's."""
+        if not isinstance(data, dict):
+            return data
+        training = data.get("training") or {}
+        if isinstance(training, BaseModel):
+            training = training.model_dump()
+        spec = METHODS.get(training.get("method", "mesa")) if isinstance(training, dict) else None
+        if spec is None or not spec.pinned:
+            return data
+        sections = {}
+        for dotted in spec.pinned:
+            section = dotted.split(".")[0]
+            value = data.get(section) or {}
+            sections[section] = value.model_dump() if isinstance(value, BaseModel) else dict(value)
+        return data | apply_settings(sections, spec.pinned)
 
     @model_validator(mode="after")
     def _check(self):

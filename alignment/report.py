@@ -148,9 +148,14 @@ def plot_allocation(allocation: dict, path: Path) -> Path:
     image = ax.imshow(scores, cmap="magma", aspect="auto")
     for layer, expert in allocation["selected"]:
         ax.add_patch(plt.Rectangle((expert - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="cyan", lw=2))
+    selected = {tuple(p) for p in allocation["selected"]}
+    for layer, expert in allocation.get("carriers", []):  # coverage: today's carriers, kept in D
+        if (layer, expert) not in selected:
+            ax.add_patch(plt.Rectangle((expert - 0.4, layer - 0.4), 0.8, 0.8, fill=False, edgecolor="lime",
+                                       lw=2, ls="--"))
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
-    ax.set_title("OT allocation: safety duty per expert (selected boxed)")
+    ax.set_title("OT allocation: safety duty per expert (selected boxed, carriers dashed)")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -78,11 +78,13 @@ def _profile(checkpoint: str, prompts: list[str], config: AlignmentConfig, path:
 
 def trained_experts(config: AlignmentConfig, allocation, safety: RoutingCounts,
                     general: RoutingCounts) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """(experts whose weights train, experts the router target favours) for the method."""
-    method = config.training.method
-    if method == "mesa":
-        return list(allocation.selected), list(allocation.selected)
-    if method == "safex":  # SAFEx-style: the experts safety routing concentrates in today
+    """(experts whose weights train, the safety set the router target uses) for the method."""
+    from alignment.methods import method_spec
+
+    spec = method_spec(config.training.method)
+    if spec.experts == "safety_set":
+        return list(allocation.safety_set), list(allocation.safety_set)
+    if spec.experts == "safety_critical":  # SAFEx-style: the experts safety routing concentrates in
         from moe_routing.stats import safety_critical_ranking
 
         ranking = safety_critical_ranking(safety, general, top_n=config.training.safex_experts, n_bootstrap=0)
@@ -105,13 +107,13 @@ def _check_output_dir(out: Path, fingerprint: dict) -> None:
     path.write_text(json.dumps({"key": _digest(fingerprint), **fingerprint}, indent=1, default=str))
 
 
-def train(config: AlignmentConfig, checkpoint: str, experts, selected, out: Path,
+def train(config: AlignmentConfig, checkpoint: str, experts, safety_set, cost, out: Path,
           safety: RoutingCounts, general: RoutingCounts) -> Path:
     """Ray Train (TorchTrainer): data-parallel workers; returns the final checkpoint directory."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from alignment.training import train_worker
+    from alignment.loop import train_worker
     from moe_routing.stats import expert_frequency
 
     training = config.training
@@ -121,7 +123,8 @@ def train(config: AlignmentConfig, checkpoint: str, experts, selected, out: Path
             "config": config.model_dump(),
             "checkpoint": checkpoint,
             "experts": [list(p) for p in experts],
-            "selected": [list(p) for p in selected],
+            "safety_set": [list(p) for p in safety_set],
+            "cost": np.asarray(cost).tolist(),
             "checkpoint_root": str((out / "ray_train" / f"train-{training.method}").resolve()),
             "safety_frequency": expert_frequency(safety).tolist(),
             "general_frequency": expert_frequency(general).tolist(),
@@ -142,7 +145,7 @@ def train(config: AlignmentConfig, checkpoint: str, experts, selected, out: Path
     if result.checkpoint is not None:
         return Path(result.checkpoint.path)
     # Resumed from a checkpoint Ray had not recorded, with no step left to run: use it.
-    from alignment.training import checkpoint_directories
+    from alignment.loop import checkpoint_directories
 
     found = checkpoint_directories(out / "ray_train" / f"train-{training.method}")
     if not found:
@@ -180,6 +183,11 @@ def run(config: AlignmentConfig) -> dict:
                             "checkpoint": checkpoint})
     (out / "config.json").write_text(config.model_dump_json(indent=1))
     log(f"[align] method {config.training.method}; model {checkpoint}; output {out}")
+    from alignment.methods import method_spec
+
+    pinned = method_spec(config.training.method).pinned
+    if pinned:
+        log(f"[align] {config.training.method} pins {', '.join(f'{k}={v}' for k, v in pinned.items())}")
 
     def stage(name: str, fn):
         t0 = time.monotonic()
@@ -199,13 +207,14 @@ def run(config: AlignmentConfig) -> dict:
         _profile(checkpoint, general_prompts, config, out / "profile" / "general.npz"),
     ))
     allocation = stage("allocate", lambda: allocate(safety, general, config.allocation))
-    experts, selected = trained_experts(config, allocation, safety, general)
+    experts, safety_set = trained_experts(config, allocation, safety, general)
     log(f"[align] trained experts {experts or '-'}")
     (out / "allocation.json").write_text(json.dumps(allocation.to_dict(), indent=1))
 
-    trained = stage("train", lambda: train(config, checkpoint, experts, selected, out, safety, general))
+    trained = stage("train", lambda: train(config, checkpoint, experts, safety_set, allocation.cost, out,
+                                           safety, general))
     history = training_history(trained)
-    from alignment.training import export_checkpoint
+    from alignment.export import export_checkpoint
 
     model_dir = out / "model"
     info = {
@@ -228,8 +237,8 @@ def run(config: AlignmentConfig) -> dict:
         evaluations["aligned"] = stage("evaluate_aligned", lambda: evaluate_checkpoint(
             str(model_dir), config, out / "eval" / "aligned"))
 
+    from alignment.export import parameter_counts
     from alignment.report import table_row, write_alignment_report
-    from alignment.training import parameter_counts
 
     report = {
         "method": config.training.method,
@@ -261,7 +270,7 @@ def run(config: AlignmentConfig) -> dict:
 def training_history(trained: Path) -> list[dict]:
     import torch
 
-    from alignment.training import STATE_FILE
+    from alignment.loop import STATE_FILE
 
     return torch.load(trained / STATE_FILE, map_location="cpu", weights_only=False)["history"]
 
@@ -304,7 +313,8 @@ def main(argv=None) -> int:
                                      "evaluate)")
     parser.add_argument("--config", help="YAML alignment config (default: the organism defaults)")
     parser.add_argument("--output-dir", help="override output_dir")
-    parser.add_argument("--method", help="override training.method (mesa, sft_all, router_only, safex, lora)")
+    parser.add_argument("--method", help="override training.method (one of alignment.methods.METHODS: "
+                        "mesa, mesa_paper, sft_all, router_only, safex, lora)")
     args = parser.parse_args(argv)
 
     def job():

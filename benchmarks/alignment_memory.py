@@ -12,6 +12,7 @@ ratios MESA / SFT-all.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -35,8 +36,10 @@ def child(method: str, steps: int, selected: int) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from alignment.config import TrainingConfig
-    from alignment.training import Batch, RouterLogits, make_trainable, training_loss
+    from alignment.loop import Batch, router_target, training_loss
+    from alignment.trainable import make_trainable
     from moe_routing.architectures import describe
+    from moe_routing.instrument import capture_router_logits
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -51,7 +54,9 @@ def child(method: str, steps: int, selected: int) -> dict:
     chosen = torch.zeros(moe.num_layers, moe.num_experts, dtype=torch.bool)
     for layer, expert in experts:
         chosen[layer, expert] = True
-    capture = RouterLogits(moe) if method == "mesa" else None
+    target = router_target(training, chosen, torch.ones(moe.num_layers, moe.num_experts))
+    stack = contextlib.ExitStack()
+    capture = stack.enter_context(capture_router_logits(model)) if method == "mesa" else None
     optimizer = torch.optim.AdamW(list(trainable.params.values()), lr=1e-4, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, SHAPE["vocab_size"], (8, 128), generator=generator)
@@ -60,12 +65,13 @@ def child(method: str, steps: int, selected: int) -> dict:
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        loss, *_ = training_loss(model, trainable, capture, batch, spec=moe.router, selected=chosen,
-                                   training=training)
+        loss, *_ = training_loss(model, trainable, capture, batch, spec=moe.router, target=target,
+                                 training=training)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
+    stack.close()
     return {"method": method, "trainable": trainable.count(), "total": total,
             "rss_after_load_mib": round(loaded, 1), "peak_rss_mib": round(_rss_mib(), 1),
             "step_seconds_median": round(sorted(times[1:])[len(times[1:]) // 2], 4)}

@@ -8,9 +8,12 @@
 - :func:`scale_routing` multiplies routed weights (globally, per layer or per expert).
 - :func:`force_experts` makes every token of a layer select the given experts (or, with a
   ``[batch, length, n]`` tensor, given experts per (sequence, token) of a prefill pass).
+- :func:`capture_router_logits` keeps each layer's raw router logits *with their autograd graph*
+  (the router's own output, before any modifier), for losses on the routing itself.
 
 All of them are forward hooks on the routers (``mlp.gate``) owned by one controller per model:
-modifiers apply in the order their contexts were entered, then captures see the final decision.
+modifiers apply in the order their contexts were entered, then captures see the final decision
+(logit captures see the router's output before the modifiers, whatever the order of entry).
 No parameter is ever touched, so leaving a context restores the model bit for bit; the hooks are
 removed when the last context exits. They work under ``generate`` and under autograd.
 """
@@ -247,6 +250,24 @@ class RoutingCapture:
         )
 
 
+class RouterLogits:
+    """The raw router logits [tokens, E] of each MoE layer from the latest forward pass, graph
+    kept (read with :meth:`take`)."""
+
+    def __init__(self, moe: MoEModel):
+        self.logits: list[torch.Tensor | None] = [None] * moe.num_layers
+
+    def _record_raw(self, layer: int, logits: torch.Tensor) -> None:
+        self.logits[layer] = logits
+
+    def take(self) -> list[torch.Tensor]:
+        """Every layer's logits of the latest forward, then forget them."""
+        out, self.logits = self.logits, [None] * len(self.logits)
+        if any(t is None for t in out):
+            raise RuntimeError("a MoE layer did not run its router in this forward pass")
+        return out
+
+
 # --------------------------------------------------------------------------- controller
 
 
@@ -257,6 +278,7 @@ class _Controller:
         self.moe = moe
         self.modifiers: list[_Modifier] = []
         self.captures: list[RoutingCapture] = []
+        self.logit_captures: list[RouterLogits] = []
         self.past = 0  # KV-cache length of the forward in progress (0 = prefill)
         base = getattr(model, "model", model)
         self.handles = [base.register_forward_pre_hook(self._on_forward, with_kwargs=True)]
@@ -265,7 +287,7 @@ class _Controller:
 
     @property
     def idle(self) -> bool:
-        return not self.modifiers and not self.captures
+        return not self.modifiers and not self.captures and not self.logit_captures
 
     def close(self) -> None:
         for handle in self.handles:
@@ -276,6 +298,8 @@ class _Controller:
 
         def hook(module, args, output):
             decision = tuple(output)
+            for capture in self.logit_captures:
+                capture._record_raw(layer, decision[0])
             for modifier in self.modifiers:
                 decision = modifier.apply(layer, decision, spec, self.past)
             for capture in self.captures:
@@ -340,6 +364,17 @@ def group_pairs(moe: MoEModel, pairs: Iterable[tuple[int, int]]) -> dict[int, li
 
 
 # --------------------------------------------------------------------------- public API
+
+
+@contextmanager
+def capture_router_logits(model: nn.Module) -> Iterator[RouterLogits]:
+    """Keep the raw router logits of every MoE layer of each forward pass inside the block, with
+    their graph (a loss on them trains the routers). They are the router's own output: masks,
+    scaling and forcing entered before or after do not change what is captured."""
+    moe = describe(model)
+    capture = RouterLogits(moe)
+    with _registered(model, moe, "logit_captures", capture):
+        yield capture
 
 
 @contextmanager

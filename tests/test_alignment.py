@@ -11,7 +11,9 @@ from pydantic import ValidationError
 
 from alignment.config import AlignmentConfig, load_config
 from alignment.data import DataError, load_dataset
-from alignment.training import make_trainable, ot_kl_loss, router_targets, step_batch
+from alignment.loop import step_batch
+from alignment.router_loss import TiltTarget, ot_kl_loss, router_targets
+from alignment.trainable import make_trainable
 from moe_routing.architectures import describe
 from moe_routing.sft import collate, encode_chat, weighted_lm_loss
 from moe_routing.tiny import byte_tokenizer, tiny_model
@@ -103,7 +105,7 @@ def _train_steps(model, trainable, tokenizer, steps=3):
         optimizer.step()
 
 
-@pytest.mark.parametrize("method", ["mesa", "safex", "router_only", "sft_all"])
+@pytest.mark.parametrize("method", ["mesa", "mesa_paper", "safex", "router_only", "sft_all"])
 def test_only_the_methods_parameters_change(method):
     tokenizer = byte_tokenizer()
     model = tiny_model("qwen3_moe", seed=0, router_std=0.5)
@@ -122,7 +124,7 @@ def test_only_the_methods_parameters_change(method):
     if method == "router_only":
         assert changed == routers
         return
-    assert (routers <= changed) == (method == "mesa")
+    assert (routers <= changed) == method.startswith("mesa")
     assert not any("self_attn" in n or "embed" in n for n in changed)
     for layer in moe.layers:
         for param in layer.experts.parameters(recurse=False):
@@ -131,7 +133,7 @@ def test_only_the_methods_parameters_change(method):
                 same = torch.equal(param[expert], before[full][expert])
                 assert same == ((layer.index, expert) not in experts), (full, expert)
     router_params = sum(layer.router.weight.numel() for layer in moe.layers)
-    assert trainable.count() == 2 * per_expert + (router_params if method == "mesa" else 0)
+    assert trainable.count() == 2 * per_expert + (router_params if method.startswith("mesa") else 0)
 
 
 def test_lora_trains_adapters_only():
@@ -193,20 +195,136 @@ def test_ot_kl_loss_is_zero_at_the_reference_and_pulls_towards_selected():
     selected = torch.zeros(1, moe.num_experts, dtype=torch.bool)
     selected[0, 2] = True
     general = torch.zeros(6, dtype=torch.bool)
-    at_reference = ot_kl_loss([logits], [logits], moe.router, general, valid, selected, 1.0)
+    at_reference = ot_kl_loss([logits], [logits], moe.router, general, valid, TiltTarget(selected, 1.0))
     assert at_reference.item() == pytest.approx(0, abs=1e-6)
     current = logits.clone().requires_grad_(True)
-    loss = ot_kl_loss([current], [logits], moe.router, ~general, valid, selected, 1.0)
+    loss = ot_kl_loss([current], [logits], moe.router, ~general, valid, TiltTarget(selected, 1.0))
     assert loss.item() > 0
     loss.backward()
     assert (current.grad[:, 2] < 0).all()  # descending the loss raises the selected expert's logit
     # Padding tokens do not count.
     valid[3:] = False
     masked = ot_kl_loss([logits + torch.arange(6.0)[:, None] * torch.eye(6, moe.num_experts)[:, :]],
-                        [logits], moe.router, general, valid, selected, 1.0)
+                        [logits], moe.router, general, valid, TiltTarget(selected, 1.0))
     only_valid = ot_kl_loss([(logits + torch.arange(6.0)[:, None] * torch.eye(6, moe.num_experts))[:3]],
-                            [logits[:3]], moe.router, general[:3], valid[:3], selected, 1.0)
+                            [logits[:3]], moe.router, general[:3], valid[:3], TiltTarget(selected, 1.0))
     assert masked.item() == pytest.approx(only_valid.item(), rel=1e-6)
+
+
+def test_token_transport_matches_the_hand_computed_plan():
+    # Two tokens, two experts, uniform marginals: pi = [[x, 1/2 - x], [1/2 - x, x]], and the
+    # entropic optimum has x^2 / (1/2 - x)^2 = K11 K22 / (K12 K21) with K = P_ref exp(-C) (eps 1).
+    import math
+
+    from alignment.router_loss import token_transport
+
+    reference = torch.tensor([[0.6, 0.4], [0.3, 0.7]])
+    cost = torch.tensor([1.0, 1.5])
+    ratio = math.sqrt((0.6 * 0.7) / (0.4 * 0.3))  # the cost cancels in the cross ratio
+    x = 0.5 * ratio / (1 + ratio)
+    plan = token_transport(reference, cost, 1.0)
+    torch.testing.assert_close(plan, torch.tensor([[x, 0.5 - x], [0.5 - x, x]], dtype=torch.float64))
+
+
+def test_transport_target_spreads_safety_tokens_over_the_safety_set():
+    from alignment.router_loss import TransportTarget
+
+    torch.manual_seed(0)
+    # Every token prefers expert 0 today; the safety set is {0, 2, 5}.
+    reference = torch.softmax(torch.randn(300, 8) + torch.tensor([3.0] + [0.0] * 7), dim=-1)
+    safety = torch.arange(300) < 200
+    members = torch.zeros(1, 8, dtype=torch.bool)
+    members[0, [0, 2, 5]] = True
+    target = TransportTarget(members, torch.ones(1, 8), 1.0)(0, reference, safety)
+    assert torch.equal(target[~safety], reference[~safety])  # general tokens keep P_ref
+    torch.testing.assert_close(target.sum(dim=-1), torch.ones(300))
+    assert target[safety][:, ~members[0]].abs().max() == 0  # nothing outside D
+    load = target[safety].mean(dim=0)[members[0]]
+    torch.testing.assert_close(load, torch.full((3,), 1 / 3), atol=1e-6, rtol=0)  # 1/|D| each
+    # Different tokens land on different top-2 subsets of D (not one new path).
+    subsets = {tuple(sorted(row.tolist())) for row in target[safety].topk(2, dim=-1).indices}
+    assert len(subsets) == 3
+    # No safety token, or no safety set in the layer: the reference.
+    assert torch.equal(TransportTarget(members, torch.ones(1, 8), 1.0)(0, reference, ~torch.ones(300).bool()),
+                       reference)
+
+
+def test_ot_kl_loss_with_the_transport_target_pulls_towards_the_safety_set():
+    from alignment.router_loss import TransportTarget
+
+    moe = describe(tiny_model("qwen3_moe", seed=0))
+    logits = torch.randn(12, moe.num_experts)
+    members = torch.zeros(1, moe.num_experts, dtype=torch.bool)
+    members[0, [1, 3]] = True
+    target = TransportTarget(members, torch.ones(1, moe.num_experts), 1.0)
+    valid = torch.ones(12, dtype=torch.bool)
+    current = logits.clone().requires_grad_(True)
+    loss = ot_kl_loss([current], [logits], moe.router, valid, valid, target)
+    loss.backward()
+    outside = [e for e in range(moe.num_experts) if e not in (1, 3)]
+    assert loss.item() > 0 and (current.grad[:, outside] > 0).all()  # descending lowers them
+
+
+def test_forced_routes_draw_k_subsets_of_the_safety_set_for_harmful_rows():
+    from alignment.augment import forced_routes
+
+    training = AlignmentConfig(training={"forced_routes": 0.5}).training
+    safety_set = {0: [1, 2, 5], 1: [4], 2: [0, 3, 6, 7]}
+    harmful = [True, False, True]
+    draws = [forced_routes(step, 0, training, safety_set, 2, harmful, 5) for step in range(100)]
+    again = [forced_routes(step, 0, training, safety_set, 2, harmful, 5) for step in range(100)]
+    assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(draws, again))
+    forced = [d for d in draws if d]
+    assert 30 < len(forced) < 70
+    seen = set()
+    for draw in forced:
+        assert set(draw) == {0, 2}  # layer 1 has fewer than k members: left alone
+        for layer, rows in draw.items():
+            assert rows.shape == (3, 5, 2) and (rows[1] == -1).all()
+            for row in (0, 2):
+                pair = rows[row, 0].tolist()
+                assert (rows[row] == rows[row, 0]).all() and set(pair) <= set(safety_set[layer])
+                seen.add((layer, tuple(pair)))
+    assert len({p for layer, p in seen if layer == 0}) == 3  # every 2-subset of {1, 2, 5} drawn
+    off = AlignmentConfig(training={"forced_routes": 0.0}).training
+    assert all(forced_routes(s, 0, off, safety_set, 2, harmful, 5) == {} for s in range(20))
+    assert all(forced_routes(s, 0, training, safety_set, 2, [False] * 3, 5) == {} for s in range(20))
+
+
+def test_the_method_table_drives_what_trains():
+    from alignment.methods import ABLATIONS, METHODS
+
+    config = AlignmentConfig.model_validate({"training": {"method": "mesa_paper"},
+                                             "allocation": {"eps": 0.7, "selection": "coverage"}})
+    # mesa_paper pins the paper's selection, eps, router target; the rest of the config stays.
+    assert (config.allocation.selection, config.allocation.eps, config.training.router_target,
+            config.training.forced_routes) == ("top_w", 0.1, "tilt", 0.0)
+    mesa = AlignmentConfig()
+    assert (mesa.allocation.selection, mesa.training.router_target) == ("coverage", "transport")
+    assert mesa.training.general_replay > 0  # replay on by default, for every method
+    # An ablation switches back a setting that the paper's method pins.
+    assert all(set(settings) <= set(METHODS["mesa_paper"].pinned) for settings in ABLATIONS.values())
+    assert {m.name for m in METHODS.values() if m.router_loss} == {"mesa", "mesa_paper"}
+    with pytest.raises(ValueError, match="unknown training method"):
+        make_trainable(tiny_model("qwen3_moe", seed=0), "dpo")
+
+
+def test_ablation_rows_switch_one_part_back():
+    from alignment.compare import row_config
+
+    config = AlignmentConfig()
+    rows = {row: row_config(config, row, Path("/tmp/rows"), 0.5)
+            for row in ("mesa", "mesa_paper", "mesa_no_coverage", "mesa_no_transport", "mesa_no_forced+mask")}
+    parts = {row: (c.training.method, c.allocation.selection, c.training.router_target,
+                   c.training.forced_routes, c.training.mask_augmentation) for row, c in rows.items()}
+    assert parts == {
+        "mesa": ("mesa", "coverage", "transport", 0.5, 0.0),
+        "mesa_paper": ("mesa_paper", "top_w", "tilt", 0.0, 0.0),
+        "mesa_no_coverage": ("mesa", "top_w", "transport", 0.5, 0.0),
+        "mesa_no_transport": ("mesa", "coverage", "tilt", 0.5, 0.0),
+        "mesa_no_forced+mask": ("mesa", "coverage", "transport", 0.0, 0.5),
+    }
+    assert rows["mesa_no_forced+mask"].output_dir.endswith("mesa_no_forced-mask")
 
 
 def test_weighted_lm_loss_weights_rows():
@@ -241,7 +359,7 @@ def test_step_batches_are_a_function_of_seed_and_step():
 def test_masking_augmentation_targets_the_current_safety_experts():
     import numpy as np
 
-    from alignment.training import SafetyRouting, augmentation_mask
+    from alignment.augment import SafetyRouting, augmentation_mask
 
     harmful = np.array([[0.9, 0.8, 0.7, 0.1], [0.5, 0.2, 0.1, 0.0]])
     other = np.array([[0.1, 0.1, 0.1, 0.1], [0.1, 0.5, 0.1, 0.1]])
@@ -289,7 +407,7 @@ def test_warmup_cosine_closed_form():
 
 def test_both_trainers_use_the_shared_schedule():
     from alignment.config import TrainingConfig
-    from alignment.training import learning_rate_factor
+    from alignment.loop import learning_rate_factor
     from moe_routing.sft import warmup_cosine
 
     training = TrainingConfig(steps=30, warmup_steps=5)

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from alignment.allocation import (
     AllocationSettings,
     allocate,
+    capped_plan,
     closed_form_plan,
     coactivation_prior,
     percentile_rank,
@@ -94,7 +95,7 @@ def test_allocate_moves_duty_from_the_head_to_the_shoulder():
     # head 0 together with 3. Expert 5 is dormant.
     general = counts_from([[[[0, 1]]] * 30 + [[[0, 2]]] * 20 + [[[1, 2]]] * 10 + [[[3, 4]]] * 5], 6)
     safety = counts_from([[[[0, 3]]] * 20 + [[[0, 1]]] * 5], 6)
-    result = allocate(safety, general, AllocationSettings(num_selected=2, eps=0.05))
+    result = allocate(safety, general, AllocationSettings(num_selected=2, eps=0.05, selection="top_w"))
     rank = result.rank[0]
     assert rank[0] == 0.0 and rank[5] == 100.0
     assert result.cost[0].argmin() != 0 and result.cost[0].argmax() == 5
@@ -107,7 +108,8 @@ def test_allocate_moves_duty_from_the_head_to_the_shoulder():
     assert (0, 5) not in result.selected and result.scores[0, 5] < 1e-6
     assert result.to_dict()["selected"] == [list(p) for p in result.selected]
     assert (
-        allocate(safety, general, AllocationSettings(num_selected=2, eps=0.05, solver="pot")).selected
+        allocate(safety, general, AllocationSettings(num_selected=2, eps=0.05, solver="pot",
+                                                     selection="top_w")).selected
         == result.selected
     )
 
@@ -118,10 +120,75 @@ def test_allocate_errors():
     with pytest.raises(ValueError, match="differ in shape"):
         allocate(a, b)
     with pytest.raises(ValueError, match="exceeds"):
-        allocate(a, a, AllocationSettings(num_selected=5))
+        allocate(a, a, AllocationSettings(num_selected=5, selection="top_w"))
+    with pytest.raises(ValueError, match="per_layer=5 exceeds"):
+        allocate(a, a, AllocationSettings(per_layer=5))
+    with pytest.raises(ValueError, match="cannot hold"):
+        allocate(a, a, AllocationSettings(max_share=0.2))
     with pytest.raises(ValueError, match="co-activation"):
         coactivation_prior(RoutingCounts(a.sequence_hits, a.sequence_tokens, None, 2))
     with pytest.raises(ValidationError, match="eps"):
         AllocationSettings(eps=0)
     with pytest.raises(ValidationError, match="alpha"):
         AllocationSettings(alpha=3)
+
+
+# --- coverage: the capped plan, per-layer quotas, carriers kept ----------------------------------
+
+
+def test_capped_plan_of_one_source_is_water_filling():
+    # One source row (r = 1): the plan is pi_j = min(cap, lam * g_j) with g_j = P_j exp(-C_j/eps)
+    # and lam chosen so the row sums to 1 (closed form by hand for g = [0.5, 0.3, 0.15, 0.05]).
+    g = np.array([0.5, 0.3, 0.15, 0.05])
+    source = np.array([[1.0, 0.0, 0.0, 0.0]])
+    prior = np.tile(g, (1, 4, 1))
+    cost = np.ones((1, 4))
+    plan = capped_plan(source, prior, cost, eps=1.0, cap=0.45)[0, 0]
+    # Expert 0 is capped at 0.45; the other 0.55 goes to 1-3 in proportion 0.3 : 0.15 : 0.05.
+    np.testing.assert_allclose(plan, [0.45, 0.55 * 0.6, 0.55 * 0.3, 0.55 * 0.1], atol=1e-9)
+    # Two capped columns: 0 and 1 at 0.35 each, the remaining 0.3 split 3 : 1.
+    np.testing.assert_allclose(capped_plan(source, prior, cost, 1.0, 0.35)[0, 0],
+                               [0.35, 0.35, 0.225, 0.075], atol=1e-9)
+    # Three: the last takes the rest.
+    np.testing.assert_allclose(capped_plan(source, prior, cost, 1.0, 0.3)[0, 0],
+                               [0.3, 0.3, 0.3, 0.1], atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_capped_plan_optimality_conditions(seed):
+    source, prior, cost = random_problem(seed)
+    eps, cap = 0.2, 0.3
+    plan = capped_plan(source, prior, cost, eps, cap)
+    np.testing.assert_allclose(plan.sum(axis=2), source, atol=1e-12)  # rows keep their mass
+    columns = plan.sum(axis=1)
+    assert columns.max() <= cap + 1e-9
+    # pi = u_i G_ij v_j with G the closed form's kernel: pi / G is rank one, and its column
+    # factor v (scaled to max 1) is 1 on every column below the cap and <= 1 on capped ones.
+    kernel = prior * np.exp(-(cost - cost.min(axis=1, keepdims=True)) / eps)[:, None, :]
+    ratio = plan / kernel
+    v = ratio / ratio.max(axis=2, keepdims=True)  # [L, i, j]: the same row for every i
+    np.testing.assert_allclose(v, np.broadcast_to(v[:, :1, :], v.shape), rtol=1e-8)
+    binding = np.isclose(columns, cap, atol=1e-9)
+    assert binding.any()  # the test exercises the cap
+    np.testing.assert_allclose(v[:, 0][~binding], 1.0, atol=1e-8)
+    # A cap that does not bind leaves the closed form exactly.
+    np.testing.assert_allclose(capped_plan(source, prior, cost, eps, 1.0),
+                               closed_form_plan(source, prior, cost, eps))
+
+
+def test_coverage_keeps_the_carriers_and_fills_every_layers_quota():
+    # 8 experts, 2 layers. Harmful tokens use experts 6 and 7 (rare in general traffic, the tail)
+    # in layer 0 and 0 and 1 in layer 1; general tokens spread over 0-5.
+    general = counts_from([[[[0, 1], [2, 3]]] * 20 + [[[2, 3], [4, 5]]] * 20 + [[[4, 5], [0, 1]]] * 20
+                           + [[[6, 7], [6, 7]]] * 2], 8)
+    safety = counts_from([[[[6, 7], [0, 1]]] * 20 + [[[0, 2], [0, 1]]] * 5], 8)
+    result = allocate(safety, general, AllocationSettings(eps=1.0, max_share=0.3))
+    per_layer = {layer: [e for l, e in result.selected if l == layer] for layer in (0, 1)}
+    assert all(len(experts) == 4 for experts in per_layer.values())  # w_l = 2 k = 4
+    assert set(result.carriers) == {(0, 6), (0, 7), (1, 0), (1, 1)}  # harmful minus benign > 0
+    assert set(result.safety_set) == set(result.selected) | set(result.carriers)
+    assert result.safety_mask().sum() == len(result.safety_set)
+    assert result.scores.max() <= 0.3 + 1e-9
+    paper = allocate(safety, general, AllocationSettings(selection="top_w", eps=0.1, num_selected=4))
+    assert paper.carriers == [] and paper.safety_set == paper.selected and len(paper.selected) == 4
+    assert result.to_dict()["safety_set"] == [list(p) for p in result.safety_set]

@@ -74,7 +74,7 @@ def test_suite_ranking_is_capped_so_every_mask_applies(tiny_qwen):
 
 
 def test_training_uses_the_same_rule():
-    from alignment.training import SafetyRouting
+    from alignment.augment import SafetyRouting
 
     harmful = np.array([[0.9, 0.8, 0.7, 0.6], [0.1, 0.5, 0.0, 0.2]])
     routing = SafetyRouting(harmful, np.zeros_like(harmful), top_k=2)

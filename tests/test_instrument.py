@@ -9,6 +9,7 @@ import torch
 from moe_routing.architectures import RouterSpec, describe
 from moe_routing.instrument import (
     DEFAULT_MASK_BIAS,
+    capture_router_logits,
     capture_routing,
     force_experts,
     mask_experts,
@@ -258,6 +259,40 @@ def test_capture_sees_final_decision_whatever_the_order(model, batch):
     a, b = outer.trace(), inner.trace()
     assert torch.equal(a.expert_ids, b.expert_ids)
     assert not (a.expert_ids[:, 0] == 4).any()
+
+
+def test_logit_capture_is_the_routers_own_output_with_its_graph(model, batch):
+    # The raw logits, whatever the order masks were entered in, equal the router's output, and a
+    # loss on them reaches the router weights.
+    layers = describe(model).layers
+    with torch.no_grad():
+        expected = []
+        handles = [layer.router.register_forward_hook(
+            lambda m, a, out: expected.append(out[0].detach().clone())) for layer in layers]
+        model(**batch)
+        for handle in handles:
+            handle.remove()
+    with mask_experts(model, [(0, 4)]), capture_router_logits(model) as before:
+        model(**batch)
+        seen_before = before.take()
+    with capture_router_logits(model) as after, mask_experts(model, [(0, 4)]):
+        model(**batch)
+        seen_after = after.take()
+        with pytest.raises(RuntimeError, match="did not run"):
+            after.take()  # taken once: the next read needs another forward
+    assert len(seen_before) == len(layers)
+    # Layer 0 sees the unmasked model's input: its captured logits are the plain router output,
+    # without the mask's bias. Later layers see the masked model, the same in either order.
+    assert torch.equal(seen_before[0].detach(), expected[0])
+    assert torch.equal(seen_after[0].detach(), expected[0])
+    for got_a, got_b in zip(seen_before, seen_after):
+        assert torch.equal(got_a.detach(), got_b.detach())
+    router = routers(model)[0]
+    model.zero_grad()
+    seen_after[0].logsumexp(dim=-1).sum().backward()
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    assert no_hooks_left(model)
 
 
 def test_exception_inside_context_restores_model(model, batch):
