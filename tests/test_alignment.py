@@ -327,6 +327,41 @@ def test_ablation_rows_switch_one_part_back():
     assert rows["mesa_no_forced+mask"].output_dir.endswith("mesa_no_forced-mask")
 
 
+def test_training_loss_under_masks_and_forced_routes_trains_the_safety_set():
+    from alignment.loop import Batch, router_target, training_loss
+    from moe_routing.instrument import capture_router_logits
+
+    tokenizer = byte_tokenizer()
+    model = tiny_model("qwen3_moe", seed=0, router_std=0.5)
+    moe = describe(model)
+    members = [(0, 1), (0, 3), (0, 5), (1, 0), (1, 2), (1, 6)]
+    model, trainable = make_trainable(model, "mesa", members)
+    safety_set = torch.zeros(moe.num_layers, moe.num_experts, dtype=torch.bool)
+    for layer, expert in members:
+        safety_set[layer, expert] = True
+    training = AlignmentConfig().training
+    target = router_target(training, safety_set, torch.ones(moe.num_layers, moe.num_experts))
+    ids, mask, labels = collate([encode_chat(tokenizer, "how to harm", "I can't help", 64),
+                                 encode_chat(tokenizer, "capital of France", "Paris", 64)], 0)
+    batch = Batch(ids, mask, labels, torch.tensor([True, False]), torch.ones(2))
+    length = ids.shape[1]
+    forced = {0: torch.tensor([[[1, 5]] * length, [[-1, -1]] * length]),
+              1: torch.tensor([[[0, 6]] * length, [[-1, -1]] * length])}
+    losses = {}
+    variants = {"plain": {}, "masked": {"masked": [(0, 0)]}, "forced": {"forced": forced}}
+    with capture_router_logits(model) as capture:
+        for name, routes in variants.items():
+            loss, sft, router, _ = training_loss(model, trainable, capture, batch, spec=moe.router,
+                                                 target=target, training=training, **routes)
+            model.zero_grad()
+            loss.backward()
+            assert torch.isfinite(loss) and router > 0  # raw logits: the mask's bias never enters
+            grads = {n: p.grad for n, p in trainable.params.items()}
+            assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+            losses[name] = sft.item()
+    assert len(set(losses.values())) == 3  # each routing changes what the SFT loss sees
+
+
 def test_weighted_lm_loss_weights_rows():
     logits = torch.randn(2, 5, 11)
     labels = torch.tensor([[-100, 3, 4, 5, -100], [-100, -100, 1, 2, 3]])
