@@ -570,3 +570,18 @@ def test_compare_command_needs_three_seeds(capsys):
 
     assert main(["--seeds", "0,1", "--methods", "mesa"]) == 2
     assert "at least 3" in capsys.readouterr().err
+
+
+def test_a_half_copied_checkpoint_is_skipped_on_resume(tmp_path):
+    """Ray copies a reported checkpoint file by file; a job killed mid-copy leaves a state file
+    that does not load. Resuming takes the newest checkpoint that loads, whatever the folder names."""
+    from alignment.loop import STATE_FILE, checkpoint_directories
+
+    for name, step in [("checkpoint_a", 4), ("checkpoint_b", 8)]:
+        (tmp_path / name).mkdir()
+        torch.save({"step": step}, tmp_path / name / STATE_FILE)
+    whole = (tmp_path / "checkpoint_b" / STATE_FILE).read_bytes()
+    (tmp_path / "checkpoint_c").mkdir()
+    (tmp_path / "checkpoint_c" / STATE_FILE).write_bytes(whole[: len(whole) // 2])  # killed mid-copy
+    (tmp_path / "checkpoint_d").mkdir()  # killed before the first file
+    assert checkpoint_directories(tmp_path) == [tmp_path / "checkpoint_b", tmp_path / "checkpoint_a"]

@@ -49,8 +49,15 @@ def _trained_values(run_dir: Path) -> dict:
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-def _checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "ray_train").glob("train-*/checkpoint_*/train_state.pt"))
+def _checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints on disk, by the job's own test of completeness: Ray
+    copies a reported checkpoint into its folder file by file, so a listing taken mid-copy (or a
+    kill landing there) shows a state file that does not load yet."""
+    from alignment.loop import STATE_FILE, checkpoint_directories
+
+    return [torch.load(directory / STATE_FILE, weights_only=False)["step"]
+            for root in (run_dir / "ray_train").glob("train-*")
+            for directory in checkpoint_directories(root)]
 
 
 def _session_processes(session: int) -> list[int]:
@@ -98,11 +105,11 @@ def test_killed_job_resumes_to_the_same_result(tmp_path, organism):
     process = subprocess.Popen(RUN + ["--config", str(config)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     deadline = time.monotonic() + 400
-    while not _checkpoints(run_dir) and process.poll() is None and time.monotonic() < deadline:
+    while not _checkpoint_steps(run_dir) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert process.poll() is None, "the job ended before it could be killed"
     _kill_session(process)
-    steps_done = [torch.load(p, weights_only=False)["step"] for p in _checkpoints(run_dir)]
+    steps_done = _checkpoint_steps(run_dir)
     assert steps_done and max(steps_done) < 24
     assert not (run_dir / "model").exists()
 
