@@ -23,6 +23,7 @@ import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,23 +41,46 @@ from serving.auth import KeyChecker, route_path  # noqa: F401  (route_path: its 
 from serving.config import (
     GatewayConfig,
     check_limit_keys,
+    guard_calibration_prompts,
     resolve_keys,
     resolve_model,
+    resolve_routing_reference,
     resolve_safety_experts,
+)
+from serving.guard import (
+    MAX_REMEMBERED,
+    REFUSAL,
+    GuardDecision,
+    GuardedEngine,
+    GuardState,
+    PromptScores,
+    calibrated_threshold,
+    decide,
+    prompt_token_ids,
 )
 from serving.limits import KeyLimiter
 from serving.metrics import exposition, gateway_metrics
 from serving.protocol import (
     CHAT_ROLES,
+    GUARD_HEADER,
     SUMMARY_HEADER,
     digest_key_id,
     endpoint_label,
     openai_error,
+    refusal_body,
     usage_tokens,
 )
 from serving.routes import create_app
-from serving.routing_worker import TRACK_MARKER
-from serving.telemetry import RoutingShape, RoutingTelemetry, json_safe, request_summary
+from serving.routing_worker import TRACK_MARKER, tracked_key
+from serving.telemetry import (
+    RoutingProfile,
+    RoutingShape,
+    RoutingTelemetry,
+    counts_from_requests,
+    json_safe,
+    request_summary,
+    routing_baseline,
+)
 
 logger = logging.getLogger("ray.serve")
 WORKER_EXTENSION = "serving.routing_worker.RoutingRecorder"
@@ -76,6 +100,11 @@ class GatewaySettings:
     safety_experts: list[tuple[int, int]] = field(default_factory=list)
     safety_experts_source: str = ""
     audit_path: str | None = None  # absolute, resolved on the driver
+    # The alert baselines' source: a profile read from a file, or (harmful, benign) prompts to
+    # profile through the engine at start, or neither (no baseline).
+    routing_profile: RoutingProfile | None = None
+    baseline_prompts: tuple[list[str], list[str]] | None = None
+    guard_prompts: list[str] | None = None  # validation benign prompts to calibrate the guard on
 
 
 @serve.deployment(max_ongoing_requests=256, health_check_period_s=10, health_check_timeout_s=60)
@@ -117,19 +146,29 @@ class Gateway:
             if engine_args.pipeline_parallel_size != 1:
                 raise ValueError("routing telemetry does not support pipeline parallelism")
         self.engine = AsyncLLM.from_engine_args(engine_args)
+        guard = self.config.guard
+        by_hand = guard.threshold is not None
+        self.guard = GuardState(guard.policy, guard.threshold, "config" if by_hand else "none",
+                                guard.false_positive_rate)
+        self._decisions: OrderedDict[str, GuardDecision] = OrderedDict()  # by tracking key, until collected
+        self._prompt_scores = PromptScores()
         self.http_app = create_app(self)
-        await init_app_state(self.engine, self.http_app.state, args, await self.engine.get_supported_tasks())
+        # vLLM's serving classes reach the engine through the guard (serving.guard), which needs telemetry.
+        serving_engine = self.engine
+        if telemetry.enabled:
+            serving_engine = GuardedEngine(self.engine, self._judge, lambda: self.guard.policy == "block")
+        tasks = await self.engine.get_supported_tasks()
+        await init_app_state(serving_engine, self.http_app.state, args, tasks)
         self.state = self.http_app.state
         self.telemetry: RoutingTelemetry | None = None
         self._poller = None
         if telemetry.enabled:
             shape = (await self.engine.collective_rpc("routing_install"))[0]
-            self.telemetry = RoutingTelemetry(
-                self.name, RoutingShape(shape["num_layers"], shape["num_experts"], shape["top_k"]),
-                self.metrics, window_s=telemetry.window_s, top_n=telemetry.top_n,
-                safety_experts=settings.safety_experts, per_expert_metrics=telemetry.per_expert_metrics)
+            self.telemetry = await self._start_telemetry(
+                RoutingShape(shape["num_layers"], shape["num_experts"], shape["top_k"]))
             self._poller = asyncio.get_running_loop().create_task(self._poll_routing())
             self.metrics.telemetry_errors.labels(self.name)  # exported at 0, so increase() sees the first
+        self._export_guard()
         self.integrity: dict = {"status": "not checked"}
         await self.run_integrity_check()
         self.probe_runner = probe_runner  # a handle to serving.probes.ProbeRunner, or None
@@ -142,6 +181,122 @@ class Gateway:
 
     def __serve_build_asgi_app__(self):
         return self.http_app
+
+    async def _start_telemetry(self, shape: RoutingShape) -> RoutingTelemetry:
+        """The telemetry with its alert baselines and, unless config or a report names them, the
+        safety experts, both from the served model's routing profile."""
+        settings, config = self.settings, self.config.telemetry
+        profile = settings.routing_profile
+        if profile is None and settings.baseline_prompts:
+            try:
+                profile = await self._profile_at_start(shape, *settings.baseline_prompts)
+            except Exception:  # serve anyway; MoERoutingBaselineMissing tells the operator
+                logger.exception("profiling the routing baseline at start failed")
+        safety, safety_source, baseline = settings.safety_experts, settings.safety_experts_source, None
+        if profile is not None:
+            profile.check_matches(shape)
+            if not safety_source:
+                safety = profile.safety_experts(config.safety_top_n)
+                safety_source = (f"top {len(safety)} by risk difference on the routing profile "
+                                 f"({profile.source})")
+            baseline = routing_baseline(profile, config.top_n or shape.top_k, safety)
+        logger.info("routing baseline of %s: %s; safety experts %s from %s", self.name,
+                    profile.source if profile else "none (the baseline alerts stay silent)",
+                    safety, safety_source or "nowhere (no safety-expert share)")
+        telemetry = RoutingTelemetry(
+            self.name, shape, self.metrics, window_s=config.window_s, top_n=config.top_n,
+            safety_experts=safety, per_expert_metrics=config.per_expert_metrics,
+            baseline=baseline, safety_experts_source=safety_source,
+            risk_weights=None if profile is None else profile.risk_weights())
+        if telemetry.risk_weights is not None and self.guard.threshold is None and settings.guard_prompts:
+            try:
+                await self._calibrate_guard(telemetry, settings.guard_prompts)
+            except Exception:  # serve anyway: the guard judges nothing high risk without a threshold
+                logger.exception("calibrating the guard's threshold at start failed")
+        telemetry.start_from((await self.engine.collective_rpc("routing_snapshot"))[0])
+        return telemetry
+
+    async def _prefill_routing(self, prompts: list[str]) -> list[dict | None]:
+        """Route the prompts' chat turns through the served engine itself, one new token each (so
+        only prompt tokens are routed), with the live telemetry's instrument: their hits."""
+        from vllm import SamplingParams
+
+        from moe_routing.chat import chat_prompt_ids
+
+        tokenizer = self.engine.get_tokenizer()
+        longest = self.engine.model_config.max_model_len - 1
+        params = SamplingParams(max_tokens=1, temperature=0)
+
+        async def prefill(prompt: str):
+            ids = chat_prompt_ids(tokenizer, prompt) if getattr(tokenizer, "chat_template", None) \
+                else tokenizer(prompt)["input_ids"]
+            key = TRACK_MARKER + uuid.uuid4().hex
+            async for _ in self.engine.generate({"prompt_token_ids": ids[:longest]}, params, key):
+                pass
+            return (await self.engine.collective_rpc("routing_pop_request", args=(key,)))[0]
+
+        return await asyncio.gather(*(prefill(p) for p in prompts))
+
+    async def _profile_at_start(self, shape: RoutingShape, harmful: list[str],
+                                benign: list[str]) -> RoutingProfile:
+        started = time.monotonic()
+        hits = await self._prefill_routing(harmful + benign)
+        counts = [counts_from_requests([h["prompt"] for h in part if h is not None], shape.top_k)
+                  for part in (hits[: len(harmful)], hits[len(harmful):])]
+        source = (f"measured at start through the engine on {len(harmful)} harmful and {len(benign)} "
+                  f"benign identification prompts ({time.monotonic() - started:.1f} s)")
+        return RoutingProfile.from_counts(counts[0], counts[1], source)
+
+    async def _calibrate_guard(self, telemetry: RoutingTelemetry, prompts: list[str]) -> None:
+        """The guard's threshold from validation benign prompts scored through the engine."""
+        target = self.config.guard.false_positive_rate
+        hits = await self._prefill_routing(prompts)
+        scores = [telemetry.request_risk(h["prompt"]).score for h in hits if h is not None]
+        threshold = calibrated_threshold(scores, target)
+        scored = [s for s in scores if s is not None]
+        measured = sum(s > threshold for s in scored) / len(scored)
+        self.guard.threshold, self.guard.false_positive_rate = threshold, measured
+        self.guard.threshold_source = (f"calibrated at start on {len(scored)} validation benign prompts "
+                                       f"for a false-positive rate <= {target}")
+        logger.info("guard of %s: threshold %.4f nats/token (%s; %.3f of them above it), policy %s",
+                    self.name, threshold, self.guard.threshold_source, measured, self.guard.policy)
+
+    def _export_guard(self) -> None:
+        g, m = self.guard, self.metrics
+        m.guard_threshold.labels(self.name).set(float("nan") if g.threshold is None else g.threshold)
+        m.guard_false_positive_rate.labels(self.name).set(g.false_positive_rate)
+        for action in ("allowed", "flagged", "blocked"):
+            m.guard_decisions.labels(self.name, action)  # exported at 0, so increase() sees the first
+        m.guard_high_risk.labels(self.name)
+
+    async def _judge(self, request_id: str, prompt) -> bool:
+        """The guard's question at a request's first output (serving.guard.GuardedEngine): go on
+        (True) or end it (False). One decision per request, from its prompt's routing so far."""
+        key = tracked_key(request_id)
+        if key is None or self.telemetry is None:
+            return True
+        decision = self._decisions.get(key)
+        if decision is None:
+            try:
+                hits = (await self.engine.collective_rpc("routing_peek_request", args=(key,)))[0]
+            except Exception:  # fail open: the engine itself is in trouble, and the error counter says so
+                self.metrics.telemetry_errors.labels(self.name).inc()
+                logger.exception("reading a request's routing for the guard failed")
+                return True
+            if hits is None:
+                return True
+            t, g, ids = self.telemetry, self.guard, prompt_token_ids(prompt)
+            risk = self._prompt_scores.resolve(ids, t.request_risk(hits))
+            t.observe_risk(risk)
+            action = decide(risk.score, g.policy, g.threshold)
+            if g.threshold is not None and risk.score is not None and risk.score > g.threshold:
+                self.metrics.guard_high_risk.labels(self.name).inc()
+            self.metrics.guard_decisions.labels(self.name, action).inc()
+            decision = GuardDecision(action, risk, len(ids) if ids is not None else risk.prompt_tokens)
+            self._decisions[key] = decision
+            while len(self._decisions) > MAX_REMEMBERED:
+                self._decisions.popitem(last=False)
+        return decision.action != "blocked"
 
     # ---- metrics helpers (used by the middleware) ----
 
@@ -205,40 +360,67 @@ class Gateway:
                 if role not in CHAT_ROLES:
                     return openai_error(400, f"messages[{i}].role must be one of {sorted(CHAT_ROLES)}, "
                                         f"got {role!r}", "invalid_request_error")
+        if track and self.telemetry is None:
+            return openai_error(400, f"{SUMMARY_HEADER} needs routing telemetry, which is off")
         key = None
-        if track:
-            if self.telemetry is None:
-                return openai_error(400, f"{SUMMARY_HEADER} needs routing telemetry, which is off")
+        if self.telemetry is not None:  # every request is tracked in the engine, for its risk score
             key = TRACK_MARKER + uuid.uuid4().hex
-            # vLLM takes the id from X-Request-Id when present (Ray Serve's proxy always sets it).
-            request.request_id = key
+            # vLLM takes the id from X-Request-Id when present (Ray Serve's proxy always sets it);
+            # the client's id stays its prefix.
+            base = client_ids[1] or client_ids[0]
+            request.request_id = f"{base}-{key}" if base else key
             raw_request.scope["headers"] = [(k, v) for k, v in raw_request.scope["headers"]
-                                            if k != b"x-request-id"] + [(b"x-request-id", key.encode())]
+                                            if k != b"x-request-id"]
+            raw_request.scope["headers"].append((b"x-request-id", request.request_id.encode()))
             raw_request._headers = Headers(scope=raw_request.scope)  # Starlette caches headers
         record = raw_request.scope.get("mesa")  # serving.routes.RequestLog
         if record is not None and self.audit is not None and self.audit.include_prompts:
             record.prompt = prompt_text(request)
-        result = await create(request, raw_request)
-        if isinstance(result, ErrorResponse):
-            return JSONResponse(result.model_dump(), status_code=result.error.code)
-        if isinstance(result, ChatCompletionResponse | CompletionResponse):
+        try:
+            result = await create(request, raw_request)
+        except AssertionError:  # vLLM's completions handler asserts an output that a blocked request lacks
+            decision = self._decisions.get(key) if key else None
+            if decision is None or decision.action != "blocked":
+                raise
+            result = None
+        if result is None or isinstance(result, ErrorResponse | ChatCompletionResponse | CompletionResponse):
+            summary, decision = await self._request_routing(key, record) if key else (None, None)
+            if decision is not None and decision.action == "blocked":
+                return self._refusal(request, decision, record)
+            if isinstance(result, ErrorResponse):
+                return JSONResponse(result.model_dump(), status_code=result.error.code)
             self._count_usage(result.usage, record)
             body = result.model_dump()
-            if key:
-                body["routing_summary"] = await self._request_summary(key)
-            return JSONResponse(json_safe(body))
+            if track:
+                body["routing_summary"] = summary
+            return JSONResponse(json_safe(body), headers=_guard_headers(decision))
         if record is not None:
             record.streaming = True
-        stream = self._stream(result, key, raw_request, record)
-        return StreamingResponse(stream, media_type="text/event-stream")
+        # The guard decides at the engine's first output, before the first chunk exists.
+        first = await anext(result, None)
+        decision = self._decisions.get(key) if key else None
+        if decision is not None and decision.action == "blocked":
+            await result.aclose()
+            await self._request_routing(key, record)
+            return self._refusal(request, decision, record, stream=True)
+        stream = self._stream(first, result, key, track, raw_request, record)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=_guard_headers(decision))
 
-    async def _stream(self, chunks, key: str | None, raw_request: Request, record=None):
-        async for chunk in chunks:
+    async def _stream(self, first: str | None, chunks, key: str | None, track: bool, raw_request: Request,
+                      record=None):
+        async def all_chunks():
+            if first is not None:
+                yield first
+            async for chunk in chunks:
+                yield chunk
+
+        async for chunk in all_chunks():
             if chunk.startswith("data: [DONE]"):
                 if key:
-                    summary = {"object": "routing.summary", "choices": [],
-                               "routing_summary": await self._request_summary(key)}
-                    yield f"data: {json.dumps(json_safe(summary))}\n\n"
+                    summary, _ = await self._request_routing(key, record)
+                    if track:
+                        summary = {"object": "routing.summary", "choices": [], "routing_summary": summary}
+                        yield f"data: {json.dumps(json_safe(summary))}\n\n"
                 break
             yield chunk
         # vLLM's stream generator leaves the request's total usage (every choice, whether or not
@@ -256,12 +438,37 @@ class Gateway:
         if record is not None:
             record.prompt_tokens, record.completion_tokens = prompt, completion
 
-    async def _request_summary(self, key: str) -> dict | None:
+    async def _request_routing(self, key: str, record=None) -> tuple[dict | None, GuardDecision | None]:
+        """Collect a finished request's routing from the engine (freeing its slot) and the guard's
+        decision on it: (its routing summary, the decision); the audit record gets both."""
+        decision = self._decisions.pop(key, None)
+        if record is not None and decision is not None:
+            record.risk = decision.risk.score
+            if decision.action != "allowed":
+                record.decision = decision.action
         hits = (await self.engine.collective_rpc("routing_pop_request", args=(key,)))[0]
         if hits is None:
-            return None
+            return None, decision
         t = self.telemetry
-        return request_summary(hits, t.shape, t.top_n, t.safety_experts)
+        risk = decision.risk if decision is not None else t.request_risk(hits["prompt"])
+        return request_summary(hits, t.shape, t.top_n, t.safety_experts, risk), decision
+
+    def _refusal(self, request, decision: GuardDecision, record, stream: bool = False):
+        """The OpenAI-format answer to a blocked request (streamed when the request streams)."""
+        kind = "chat" if isinstance(request, ChatCompletionRequest) else "completion"
+        body = refusal_body(kind, request.request_id, self.name, REFUSAL, decision.prompt_tokens,
+                            int(time.time()), chunk=stream)
+        if record is not None:
+            record.prompt_tokens, record.completion_tokens = decision.prompt_tokens, 0
+        headers = _guard_headers(decision)
+        if not stream:
+            return JSONResponse(body, headers=headers)
+
+        async def chunks():
+            yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(chunks(), media_type="text/event-stream", headers=headers)
 
     async def models(self):
         listing = await self.state.openai_serving_models.show_available_models()
@@ -283,9 +490,7 @@ class Gateway:
     async def routing(self):
         if self.telemetry is None:
             return openai_error(404, "routing telemetry is off for this model")
-        summary = self.telemetry.summary()
-        summary["safety_experts_source"] = self.settings.safety_experts_source
-        return JSONResponse(json_safe(summary))
+        return JSONResponse(json_safe(self.telemetry.summary()))
 
     async def reset_telemetry(self):
         """Clear the sliding window (e.g. after an incident), keeping the cumulative counters."""
@@ -298,9 +503,38 @@ class Gateway:
         """The running configuration, without credentials."""
         config = self.config.model_dump(exclude={"api_keys", "admin_key"})
         return {"model": self.name, "checkpoint": self.settings.checkpoint, "config": config,
-                "safety_experts": [list(p) for p in self.settings.safety_experts],
-                "safety_experts_source": self.settings.safety_experts_source,
+                **json_safe(self._routing_sources()),
+                "guard": self.guard.to_dict(),
                 "integrity": json_safe(self.integrity)}
+
+    async def guard_state(self):
+        return {"model": self.name, **self.guard.to_dict()}
+
+    async def update_guard(self, update: dict):
+        """POST /admin/guard: change the policy and/or the threshold at run time (an incident, a
+        new calibration); `serving.routes.GuardUpdate` has validated the body."""
+        if self.telemetry is None:
+            return openai_error(409, "the guard needs routing telemetry, which is off for this model")
+        g = self.guard
+        if "policy" in update:
+            g.policy = update["policy"]
+        if "threshold" in update:
+            g.threshold = update["threshold"]
+            g.threshold_source, g.false_positive_rate = "admin", self.config.guard.false_positive_rate
+        logger.warning("guard of %s changed by the admin: policy %s, threshold %s", self.name, g.policy,
+                       g.threshold)
+        self._export_guard()
+        return {"model": self.name, **g.to_dict()}
+
+    def _routing_sources(self) -> dict:
+        """Which safety experts and alert baselines the telemetry uses, and where they came from."""
+        t = self.telemetry
+        if t is None:
+            return {"safety_experts": [list(p) for p in self.settings.safety_experts],
+                    "safety_experts_source": self.settings.safety_experts_source, "baseline": None}
+        return {"safety_experts": [list(p) for p in t.safety_experts],
+                "safety_experts_source": t.safety_experts_source,
+                "baseline": None if t.baseline is None else t.baseline.to_dict()}
 
     async def run_integrity_check(self) -> dict:
         """Compare the engine's router and expert fingerprints with the checkpoint's manifest
@@ -375,12 +609,26 @@ class Gateway:
             self.engine.shutdown()
 
 
+def _guard_headers(decision: GuardDecision | None) -> dict | None:
+    return {GUARD_HEADER: decision.action} if decision is not None and decision.action != "allowed" else None
+
+
 def gateway_settings(args: dict, log=print) -> GatewaySettings:
     """Validate a Serve application's `args` and resolve model, keys and safety experts."""
     config = GatewayConfig.model_validate(args)
     checkpoint, name = resolve_model(config, log=log)
     users, admin = resolve_keys(config)
     safety, source = resolve_safety_experts(config.telemetry, checkpoint)
+    profile, prompts = resolve_routing_reference(config.telemetry, checkpoint, log)
+    guard_prompts, guard = None, config.guard
+    if config.telemetry.enabled and guard.threshold is None and guard.calibration_prompts:
+        from safety_eval.data import MissingDataError
+
+        try:
+            guard_prompts = guard_calibration_prompts(checkpoint, guard.calibration_prompts)
+        except (MissingDataError, OSError, ValueError, KeyError) as error:  # serve, without a threshold
+            log(f"[serve] guard: no validation prompts to calibrate its threshold on ({error}); "
+                "nothing is high risk until an admin sets one (POST /admin/guard)")
     check_limit_keys(config, users, admin)
     if users:  # what limits.keys, metrics and the audit log call each key
         log(f"[serve] user key ids: {', '.join(sorted(digest_key_id(d) for d in users))}")
@@ -392,7 +640,8 @@ def gateway_settings(args: dict, log=print) -> GatewaySettings:
         audit_path.parent.mkdir(parents=True, exist_ok=True)
         audit_path.open("a").close()  # not writable: an OSError now, not in the replica
         audit_path = str(audit_path)
-    return GatewaySettings(config, checkpoint, name, users, admin, safety, source, audit_path)
+    return GatewaySettings(config, checkpoint, name, users, admin, safety, source, audit_path,
+                           profile, prompts, guard_prompts)
 
 
 def gateway_application(settings: GatewaySettings) -> serve.Application:

@@ -2,7 +2,8 @@
 
 A line holds who (key id, never the key), what (model, endpoint, tokens), the gateway's decision
 and the outcome (status code); the prompt text only when `audit.include_prompts` is set. `risk`
-is reserved for the routing risk score and is null until the guard computes one.
+is the prompt's routing risk score (nats per token, `moe_routing.risk`), null when the model has
+no routing profile or telemetry is off.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from datetime import UTC, datetime
 from itertools import count
 from pathlib import Path
 
-DECISIONS = ("allowed", "rate_limited", "unauthorized")
+# flagged and blocked: the routing guard (serving.guard)
+DECISIONS = ("allowed", "flagged", "blocked", "rate_limited", "unauthorized")
 _instances = count()
 
 
@@ -31,7 +33,8 @@ def audit_record(*, key_id: str | None, model: str, endpoint: str, status: int, 
         raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}")
     record = {"time": time or utc_now(), "request_id": request_id, "key_id": key_id, "model": model,
               "endpoint": endpoint, "status": status, "decision": decision,
-              "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "risk": risk,
+              "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+              "risk": None if risk is None else round(risk, 5),
               "duration_s": None if duration_s is None else round(duration_s, 4)}
     if prompt is not None:
         record["prompt"] = prompt

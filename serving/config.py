@@ -11,8 +11,10 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.protocol import digest_key_id, key_digest
 
@@ -23,6 +25,15 @@ DEFAULT_ENGINE = {
     "max_model_len": 1024,
     "seed": 0,
 }
+
+
+class ProfileFiles(BaseModel):
+    """Routing counts (`moe_routing.stats.RoutingCounts` .npz: `mesa-profile`'s counts_*.npz, the
+    alignment job's profile/*.npz) of the served model on harmful and on benign prompts."""
+
+    model_config = ConfigDict(extra="forbid")
+    harmful: str
+    benign: str
 
 
 class TelemetryConfig(BaseModel):
@@ -37,10 +48,39 @@ class TelemetryConfig(BaseModel):
     per_expert_metrics: bool = True
     # The model's known safety-critical experts, as [layer, expert] pairs. When unset they are
     # read from `safety_report` (an evaluation report's `safety_critical` or an alignment report's
-    # `trained_experts`), or from `alignment.json` in an aligned checkpoint.
+    # `trained_experts`), from `alignment.json` in an aligned checkpoint, or else ranked on the
+    # served model's routing profile (below) by risk difference.
     safety_experts: list[tuple[int, int]] | None = None
     safety_report: str | None = None
-    safety_top_n: int = Field(6, ge=1)  # how many of an evaluation report's ranking count
+    safety_top_n: int = Field(6, ge=1)  # how many of a ranking count
+    # The served model's routing on benign and harmful prompts, the baseline of the alert
+    # thresholds (`find_routing_profile`): an evaluation report (report.json: `routing`) or
+    # {harmful: counts.npz, benign: counts.npz}. Unset: an evaluation `safety_report`, the
+    # alignment job's profile next to an aligned checkpoint, or else measured through the engine
+    # at start on `baseline_prompts` harmful and as many benign prompts (0: no baseline).
+    baseline_profile: str | ProfileFiles | None = None
+    baseline_prompts: int = Field(64, ge=0)
+
+    @field_validator("baseline_prompts")
+    @classmethod
+    def _enough_prompts(cls, n: int) -> int:
+        if 0 < n < 8:  # fewer rank the safety experts on noise
+            raise ValueError("baseline_prompts must be 0 (no baseline profile at start) or at least 8")
+        return n
+
+
+class GuardConfig(BaseModel):
+    """The routing guard (serving.guard): what happens to a request whose prompt routes like the
+    profiled harmful prompts."""
+
+    model_config = ConfigDict(extra="forbid")
+    policy: Literal["observe", "flag", "block"] = "observe"
+    # Risk score (nats per prompt token) above which a request is high risk. Unset: calibrated at
+    # start on up to `calibration_prompts` of the checkpoint's validation benign prompts (alarming
+    # but benign requests and general tasks), so that `false_positive_rate` of them exceed it.
+    threshold: float | None = None
+    false_positive_rate: float = Field(0.01, ge=0, lt=1)
+    calibration_prompts: int = Field(300, ge=0)
 
 
 class ProbeConfig(BaseModel):
@@ -128,6 +168,7 @@ class GatewayConfig(BaseModel):
     engine: dict = Field(default_factory=dict)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     probes: ProbeConfig = Field(default_factory=ProbeConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     num_replicas: int = Field(1, ge=1)
@@ -147,6 +188,13 @@ class GatewayConfig(BaseModel):
         if "model" in engine or "served_model_name" in engine:
             raise ValueError("set model and served_model_name at the top level, not under engine")
         return engine
+
+    @model_validator(mode="after")
+    def _guard_needs_telemetry(self) -> GatewayConfig:
+        if self.guard.policy != "observe" and not self.telemetry.enabled:
+            raise ValueError(f"guard.policy {self.guard.policy!r} scores routing: it needs "
+                             "telemetry.enabled: true")
+        return self
 
     def engine_options(self) -> dict:
         return DEFAULT_ENGINE | self.engine
@@ -216,7 +264,8 @@ def resolve_model(config: GatewayConfig, log=print) -> tuple[str, str]:
 
 
 def resolve_safety_experts(config: TelemetryConfig, checkpoint: str) -> tuple[list[tuple[int, int]], str]:
-    """The safety-critical (layer, expert) pairs and where they came from ("" when unknown)."""
+    """The safety-critical (layer, expert) pairs that config or a report names, and which source
+    ("" when none does: the gateway then ranks them on the served model's routing profile)."""
     if config.safety_experts is not None:
         return [tuple(p) for p in config.safety_experts], "config"
     sources = [Path(config.safety_report)] if config.safety_report else []
@@ -227,10 +276,119 @@ def resolve_safety_experts(config: TelemetryConfig, checkpoint: str) -> tuple[li
                 raise ValueError(f"telemetry.safety_report not found: {path}")
             continue
         report = json.loads(path.read_text())
-        if "trained_experts" in report:  # alignment report / alignment.json
+        if report.get("trained_experts"):  # alignment report / alignment.json (empty: none trained)
             return [tuple(p) for p in report["trained_experts"]], str(path)
         if "safety_critical" in report:  # evaluation report (safety_eval.suite)
             ranked = report["safety_critical"][: config.safety_top_n]
             return [(int(s["layer"]), int(s["expert"])) for s in ranked], str(path)
-        raise ValueError(f"{path} has neither `trained_experts` nor `safety_critical`")
+        if "trained_experts" not in report:
+            raise ValueError(f"{path} has neither `trained_experts` nor `safety_critical`")
     return [], ""
+
+
+# The alignment job's layout (alignment/run.py): OUT/model is the aligned checkpoint and
+# OUT/profile/aligned-{safety,general}.npz its routing on harmful and general prompts.
+ALIGNED_PROFILE = ("aligned-safety.npz", "aligned-general.npz")
+
+
+def find_routing_profile(config: TelemetryConfig, checkpoint: str):
+    """The served model's routing profile (`serving.telemetry.RoutingProfile`) from a file, or
+    None when there is none and the gateway has to measure it at start."""
+    if isinstance(config.baseline_profile, ProfileFiles):
+        return _profile_from_counts(Path(config.baseline_profile.harmful),
+                                    Path(config.baseline_profile.benign), "telemetry.baseline_profile")
+    if isinstance(config.baseline_profile, str):
+        path = Path(config.baseline_profile)
+        if not path.is_file():
+            raise ValueError(f"telemetry.baseline_profile not found: {path}")
+        profile = _profile_from_report(path)
+        if profile is None:
+            raise ValueError(f"telemetry.baseline_profile {path} is not an evaluation report "
+                             "(no routing.harmful_frequency / benign_frequency)")
+        return profile
+    if config.safety_report and Path(config.safety_report).is_file():
+        profile = _profile_from_report(Path(config.safety_report))
+        if profile is not None:
+            return profile
+    folder = Path(checkpoint)
+    profile_dir = folder.parent / "profile"
+    if (folder / "alignment.json").is_file() and all((profile_dir / f).is_file() for f in ALIGNED_PROFILE):
+        harmful, benign = (profile_dir / f for f in ALIGNED_PROFILE)
+        return _profile_from_counts(harmful, benign, "the alignment job's profile")
+    return None
+
+
+def _profile_from_counts(harmful: Path, benign: Path, what: str):
+    from moe_routing.stats import RoutingCounts
+    from serving.telemetry import RoutingProfile
+
+    for path in (harmful, benign):
+        if not path.is_file():
+            raise ValueError(f"{what}: routing counts not found: {path}")
+    return RoutingProfile.from_counts(RoutingCounts.load(harmful), RoutingCounts.load(benign),
+                                      f"{harmful} vs {benign}")
+
+
+def _profile_from_report(path: Path):
+    """An evaluation report's routing (safety_eval.suite: `routing`, frequencies on its
+    identification prompts), or None for another kind of report."""
+    from serving.telemetry import RoutingProfile
+
+    report = json.loads(path.read_text())
+    routing = report.get("routing")
+    if not isinstance(routing, dict) or "harmful_frequency" not in routing or "top_k" not in report:
+        return None
+    return RoutingProfile(np.asarray(routing["benign_frequency"]), np.asarray(routing["harmful_frequency"]),
+                          int(report["top_k"]), str(path))
+
+
+def baseline_prompts(checkpoint: str, n: int) -> tuple[list[str], list[str]]:
+    """(harmful, benign) prompts to profile the served model on at start: the evaluation suite's
+    identification prompts (training side of the splits, never the checkpoint's held-out test
+    prompts), the prompts its `safety_critical` ranking comes from; the benign side mixes
+    alarming-but-benign requests and general tasks, like normal traffic."""
+    from safety_eval.harness import EvalSets
+    from safety_eval.settings import SuiteSettings
+    from safety_eval.suite import identification_prompts
+
+    held_out = EvalSets.for_checkpoint(checkpoint)
+    return identification_prompts(SuiteSettings(identification_prompts=n), held_out)
+
+
+def guard_calibration_prompts(checkpoint: str, n: int) -> list[str]:
+    """Up to n benign prompts of the checkpoint's validation split (never its test prompts):
+    alarming-but-benign requests and general tasks, alternating, like normal traffic."""
+    from safety_eval.harness import EvalSets
+
+    validation = EvalSets.for_checkpoint(checkpoint, split="validation")
+    alarming, general = list(validation.benign), [t.prompt for t in validation.general]
+    mixed = [p for pair in zip(alarming, general) for p in pair]
+    longer = alarming if len(alarming) > len(general) else general
+    mixed += longer[min(len(alarming), len(general)):]
+    return mixed[:n]
+
+
+def resolve_routing_reference(telemetry: TelemetryConfig, checkpoint: str, log=print):
+    """Where the alert baselines come from: (routing profile read from a file, None) or (None,
+    (harmful, benign) prompts for the replica to profile through its engine at start), or
+    (None, None): no baseline."""
+    if not telemetry.enabled:
+        return None, None
+    profile = find_routing_profile(telemetry, checkpoint)
+    if profile is not None:
+        log(f"[serve] alert baselines from {profile.source}")
+        return profile, None
+    if not telemetry.baseline_prompts:
+        log("[serve] no routing profile and baseline_prompts is 0: no alert baselines")
+        return None, None
+    from safety_eval.data import MissingDataError
+
+    try:
+        prompts = baseline_prompts(checkpoint, telemetry.baseline_prompts)
+    except MissingDataError as error:  # serve anyway; MoERoutingBaselineMissing says so
+        log(f"[serve] no alert baselines: the prompts to profile are missing ({error})")
+        return None, None
+    log(f"[serve] alert baselines: no routing profile found, the replica profiles "
+        f"{len(prompts[0])} harmful and {len(prompts[1])} benign prompts at start")
+    return None, prompts
+

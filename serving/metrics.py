@@ -10,6 +10,10 @@ from functools import cache
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Routing risk (moe_routing.risk) is a log-likelihood ratio per token in nats: symmetric around 0,
+# finer near it; a model with many layers sums more evidence per token and reaches the outer buckets.
+RISK_BUCKETS = (-8, -4, -2, -1, -0.5, -0.25, -0.1, 0, 0.1, 0.25, 0.5, 1, 2, 4, 8)
+SHARE_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1)
 
 
 class GatewayMetrics:
@@ -59,6 +63,39 @@ class GatewayMetrics:
         self.safety_expert_share = Gauge(
             "mesa_routing_safety_expert_share", "Sliding window: share of routed (token, expert) "
             "selections that reach the model's known safety-critical experts", ["model"], registry=r)
+        # Set once at engine start from the served model's routing profile (serving.telemetry
+        # RoutingProfile); the alert rules compare the live gauges above with these.
+        self.top_share_baseline = Gauge(
+            "mesa_routing_top_share_baseline", "Profiled at start: a layer's top_n share on the served "
+            "model's benign or harmful prompts (traffic label), the reference of MoERoutingConcentrated",
+            ["model", "layer", "traffic"], registry=r)
+        self.safety_expert_share_baseline = Gauge(
+            "mesa_routing_safety_expert_share_baseline", "Profiled at start: the safety-expert share "
+            "on the served model's benign or harmful prompts (traffic label), the reference of "
+            "MoESafetyExpertShareCollapsed", ["model", "traffic"], registry=r)
+        # Per request, from its prompt tokens' routing (serving.telemetry.RequestRisk).
+        self.request_risk = Histogram(
+            "mesa_request_routing_risk", "Per request: log-likelihood ratio per prompt token of "
+            "harmful over benign routing, against the served model's routing profile (nats)",
+            ["model"], buckets=RISK_BUCKETS, registry=r)
+        self.request_safety_share = Histogram(
+            "mesa_request_safety_expert_share", "Per request: share of the prompt tokens' routed "
+            "selections on the model's safety-critical experts", ["model"], buckets=SHARE_BUCKETS,
+            registry=r)
+        # The routing guard (serving.guard).
+        self.guard_decisions = Counter(
+            "mesa_guard_decisions", "Requests judged by the routing guard, by action (allowed / "
+            "flagged / blocked)", ["model", "action"], registry=r)
+        self.guard_high_risk = Counter(
+            "mesa_guard_high_risk_requests", "Requests whose routing risk exceeded the guard's "
+            "threshold, whatever the policy (observe counts them too)", ["model"], registry=r)
+        self.guard_threshold = Gauge(
+            "mesa_guard_risk_threshold", "The guard's risk threshold (nats per prompt token); NaN "
+            "when it has none", ["model"], registry=r)
+        self.guard_false_positive_rate = Gauge(
+            "mesa_guard_false_positive_rate", "The share of benign traffic expected above the "
+            "threshold: measured on the calibration prompts, else the configured target",
+            ["model"], registry=r)
         self.window_tokens = Gauge(
             "mesa_routing_window_tokens", "Tokens in the concentration sliding window", ["model"], registry=r)
         self.telemetry_errors = Counter(

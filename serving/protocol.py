@@ -10,6 +10,8 @@ from http import HTTPStatus
 SUMMARY_HEADER = "X-Mesa-Routing-Summary"  # request: "1" asks for the per-request routing summary
 REQUEST_ID_HEADER = "X-Request-Id"  # set by Ray Serve's proxy; echoed in the audit log
 RETRY_AFTER_HEADER = "Retry-After"  # on a 429: whole seconds until the key is under its limit
+GUARD_HEADER = "X-Mesa-Guard"  # response: "flagged" or "blocked" when the routing guard judged it high risk
+GUARD_FINISH_REASON = "content_filter"  # a blocked request's finish_reason, as OpenAI's filter gives
 
 PUBLIC_PATHS = frozenset({"/health", "/metrics", "/openapi.json", "/docs"})  # no key needed
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions")  # the paths per-key limits apply to
@@ -54,6 +56,28 @@ def openai_error(status: int, message: str, type_: str | None = None, *,
     from starlette.responses import JSONResponse
 
     return JSONResponse(openai_error_body(status, message, type_, code), status_code=status, headers=headers)
+
+
+def refusal_body(kind: str, request_id: str, model: str, message: str, prompt_tokens: int,
+                 created: int, chunk: bool = False) -> dict:
+    """A blocked request's answer in OpenAI's format: one choice, the refusal `message` as its
+    content and `finish_reason: "content_filter"`. `kind` is "chat" or "completion"; `chunk`
+    gives the streamed form (chat.completion.chunk with a delta, or a text_completion chunk)."""
+    if kind == "chat":
+        body = {"id": f"chatcmpl-{request_id}", "created": created, "model": model,
+                "object": "chat.completion.chunk" if chunk else "chat.completion"}
+        content = {"role": "assistant", "content": message}
+        choice = {"index": 0, "delta" if chunk else "message": content, "logprobs": None,
+                  "finish_reason": GUARD_FINISH_REASON}
+    elif kind == "completion":
+        body = {"id": f"cmpl-{request_id}", "object": "text_completion", "created": created, "model": model}
+        choice = {"index": 0, "text": message, "logprobs": None, "finish_reason": GUARD_FINISH_REASON}
+    else:
+        raise ValueError(f"kind must be chat or completion, got {kind!r}")
+    body["choices"] = [choice]
+    body["usage"] = None if chunk else {"prompt_tokens": prompt_tokens, "completion_tokens": 0,
+                                        "total_tokens": prompt_tokens}
+    return body
 
 
 def usage_tokens(usage) -> tuple[int, int]:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
@@ -34,6 +34,7 @@ class RequestLog:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt: object = None  # filled only when the audit log includes prompts
+    risk: float | None = None  # routing risk of the prompt (serving.telemetry.RequestRisk.score)
     streaming: bool = False
 
 
@@ -117,7 +118,7 @@ class GatewayMiddleware:
                 key_id=caller.key_id if caller else None, model=gateway.name, endpoint=endpoint_label(path),
                 status=code, decision=record.decision, request_id=record.request_id,
                 prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
-                duration_s=elapsed, prompt=record.prompt))
+                duration_s=elapsed, risk=record.risk, prompt=record.prompt))
 
 
 def guard_validation(model):
@@ -140,6 +141,14 @@ def guard_validation(model):
                                            "msg": f"invalid request: {error}"}]) from None
 
     return Depends(check)
+
+
+class GuardUpdate(BaseModel):
+    """POST /admin/guard: what to change (a field left out stays as it is; threshold null: none)."""
+
+    model_config = ConfigDict(extra="forbid")
+    policy: Literal["observe", "flag", "block"] | None = None
+    threshold: float | None = Field(None, allow_inf_nan=False)
 
 
 def create_app(gateway: Gateway) -> FastAPI:
@@ -167,6 +176,15 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.post("/admin/telemetry/reset")(gateway.reset_telemetry)
     app.get("/admin/config")(gateway.admin_config)
     app.post("/admin/integrity")(gateway.check_integrity)
+    app.get("/admin/guard")(gateway.guard_state)
+
+    @app.post("/admin/guard")
+    async def update_guard(update: GuardUpdate):
+        changes = update.model_dump(exclude_unset=True)
+        if changes.get("policy", "") is None:
+            changes.pop("policy")
+        return await gateway.update_guard(changes)
+
     app.post("/admin/probes")(gateway.start_probes)
     app.get("/admin/probes")(gateway.probes)
     return app

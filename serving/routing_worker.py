@@ -11,7 +11,10 @@ the selections into one count buffer on the model's device:
 The phase of each token is computed once per engine step from the scheduler's batch (a token is
 a prompt token when its position is below its request's prompt length), copied to the device
 once, and used by every layer's hook: no host sync per layer. Requests whose id contains
-`TRACK_MARKER` also get a per-request buffer, for the opt-in routing summary in responses.
+`TRACK_MARKER` also get a per-request slot in one buffer, `request_hits[slot, phase, layer,
+expert]` (prompt and generated tokens), filled by one more scatter per step whatever the number
+of requests: the gateway tracks every request this way for its routing risk score and the
+opt-in routing summary.
 
 Hooks run only in eager mode (CUDA graphs and torch.compile skip Python hooks), so the gateway
 enables `enforce_eager` when telemetry is on.
@@ -37,7 +40,9 @@ from moe_routing.architectures import check_supported, router_spec_from_config, 
 
 TRACK_MARKER = "mesa-route-"
 TRACK_KEY_LENGTH = len(TRACK_MARKER) + 32  # the marker and a uuid4 hex
-MAX_TRACKED_REQUESTS = 1024  # summaries never collected (aborted requests) are evicted beyond this
+# Slots for requests in flight; requests never collected (aborted) are evicted, oldest first,
+# beyond this. int32 counts: 1024 x 2 x 48 layers x 128 experts is 50 MB on the device.
+MAX_TRACKED_REQUESTS = 1024
 _ROUTER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.gate$")
 _SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts")  # Qwen2-MoE, DeepSeek-V2
 # Fused-MoE backends that keep w13/w2 as [E, 2I, H] / [E, H, I] (padding aside); CPU also prepacks
@@ -45,6 +50,12 @@ _SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts")  # Qwen2-MoE, DeepSee
 # AITER, XPU) reorder or transpose weights in ways not replayed here.
 _PLAIN_MOE_BACKENDS = ("TRITON", "BATCHED_TRITON", "CPU")
 PROMPT, GENERATED, DISCARD = 0, 1, 2
+
+
+def tracked_key(request_id: str) -> str | None:
+    """The tracking key inside an engine request id (vLLM wraps ids: "chatcmpl-<id>-<suffix>")."""
+    start = request_id.find(TRACK_MARKER)
+    return None if start < 0 else request_id[start : start + TRACK_KEY_LENGTH]
 
 
 def _die_with_parent() -> None:
@@ -92,8 +103,12 @@ class RoutingRecorder:
             "tokens": [0, 0],  # prompt, generated tokens that entered a forward pass
             "offset": None,  # [tokens, 1] int64 on device: phase * L * E, or None outside a step
             "layers": [],  # this step's [tokens, k] flat (layer, expert) indices, one per layer
-            "requests": [],  # [(key, start, end)] tracked requests' token slices this step
-            "tracked": OrderedDict(),  # key -> int64 [L * E] on device
+            "rows": None,  # [tokens, 1] int64 on device: each token's row in request_hits, or None
+            # One slot per tracked request and a last, scratch slot for everything else.
+            "request_hits": torch.zeros((MAX_TRACKED_REQUESTS + 1) * 2 * L * E, dtype=torch.int32,
+                                        device=device),
+            "tracked": OrderedDict(),  # key -> slot, oldest first
+            "free": list(range(MAX_TRACKED_REQUESTS)),
             "device": device,
             "handles": [],
         }
@@ -127,17 +142,30 @@ class RoutingRecorder:
         )
         state["offset"] = offset.to(state["device"], non_blocking=True)[:, None]
         state["layers"] = []
-        requests = []
+        slots = np.full(n_reqs, MAX_TRACKED_REQUESTS, dtype=np.int64)  # the scratch slot
         for i, req_id in enumerate(batch.req_ids[:n_reqs]):
-            if TRACK_MARKER in req_id:  # vLLM wraps the id: "chatcmpl-<key>-<suffix>", "<n>_<...>"
-                start = req_id.index(TRACK_MARKER)
-                key = req_id[start : start + TRACK_KEY_LENGTH]
-                if key not in state["tracked"]:
-                    state["tracked"][key] = torch.zeros_like(state["hits"][: state["hits"].numel() // 3])
-                    while len(state["tracked"]) > MAX_TRACKED_REQUESTS:
-                        state["tracked"].popitem(last=False)
-                requests.append((key, int(ends[i] - scheduled[i]), int(ends[i])))
-        state["requests"] = requests
+            key = tracked_key(req_id)
+            if key is not None:
+                slots[i] = self._routing_slot(key)
+        state["rows"] = None
+        if (slots < MAX_TRACKED_REQUESTS).any():
+            L, E = state["shape"]["num_layers"], state["spec"].num_experts
+            rows = (slots[req_index] * 2 + (phase != PROMPT)) * (L * E)
+            state["rows"] = torch.from_numpy(rows).to(state["device"], non_blocking=True)[:, None]
+
+    def _routing_slot(self, key: str) -> int:
+        """The request's slot, taken (and zeroed) on its first step; when none is free, the
+        oldest request's is taken."""
+        state = self._routing
+        slot = state["tracked"].get(key)
+        if slot is None:
+            if not state["free"]:
+                state["free"].append(state["tracked"].popitem(last=False)[1])
+            slot = state["free"].pop()
+            size = state["request_hits"].numel() // (MAX_TRACKED_REQUESTS + 1)
+            state["request_hits"][slot * size : (slot + 1) * size].zero_()
+            state["tracked"][key] = slot
+        return slot
 
     def _routing_hook(self, layer: int, last: bool):
         E = self._routing["spec"].num_experts
@@ -166,12 +194,16 @@ class RoutingRecorder:
             offset = torch.cat([offset, pad])[:n]
         flat = (selected + offset).reshape(-1)
         state["hits"].index_add_(0, flat, torch.ones_like(flat))
-        for key, start, end in state["requests"]:
-            buffer = state["tracked"].get(key)
-            if buffer is not None and end > start:
-                ids = selected[start:end].reshape(-1)
-                buffer.index_add_(0, ids, torch.ones_like(ids))
-        state["offset"], state["layers"], state["requests"] = None, [], []
+        rows = state["rows"]
+        if rows is not None:
+            if n != rows.shape[0]:  # padding rows go to the scratch slot
+                scratch = MAX_TRACKED_REQUESTS * 2 * state["shape"]["num_layers"] * state["spec"].num_experts
+                pad = torch.full((max(0, n - rows.shape[0]), 1), scratch, dtype=torch.int64,
+                                 device=rows.device)
+                rows = torch.cat([rows, pad])[:n]
+            flat = (selected + rows).reshape(-1)
+            state["request_hits"].index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        state["offset"], state["layers"], state["rows"] = None, [], None
 
     def routing_snapshot(self) -> dict:
         """Cumulative counts since install: hits [2][L][E] (prompt, generated) and token totals."""
@@ -180,14 +212,26 @@ class RoutingRecorder:
         hits = state["hits"].view(3, L, E)[:2].cpu().tolist()
         return {"hits": hits, "tokens": list(state["tokens"])}
 
-    def routing_pop_request(self, key: str) -> list[list[int]] | None:
-        """A tracked request's [L][E] counts (prompt and generated tokens), removed from the worker."""
+    def routing_peek_request(self, key: str) -> list[list[int]] | None:
+        """A tracked request's prompt counts [L][E] so far, left in place (None if not held)."""
         state = self._routing
-        buffer = state["tracked"].pop(key, None)
-        if buffer is None:
+        slot = state["tracked"].get(key)
+        if slot is None:
             return None
         L, E = state["shape"]["num_layers"], state["shape"]["num_experts"]
-        return buffer.view(L, E).cpu().tolist()
+        return state["request_hits"].view(MAX_TRACKED_REQUESTS + 1, 2, L, E)[slot, PROMPT].cpu().tolist()
+
+    def routing_pop_request(self, key: str) -> dict | None:
+        """A tracked request's counts {"prompt": [L][E], "generated": [L][E]}, removed from the
+        worker (None for a request it does not hold)."""
+        state = self._routing
+        slot = state["tracked"].pop(key, None)
+        if slot is None:
+            return None
+        L, E = state["shape"]["num_layers"], state["shape"]["num_experts"]
+        hits = state["request_hits"].view(MAX_TRACKED_REQUESTS + 1, 2, L, E)[slot].cpu().tolist()
+        state["free"].append(slot)
+        return {"prompt": hits[0], "generated": hits[1]}
 
     # ---- integrity fingerprint (moe_routing.fingerprint) ----
 

@@ -40,6 +40,12 @@ def test_config_rejects_unknown_keys_and_engine_options():
         GatewayConfig.model_validate({"engine": {"model": "x"}})
     with pytest.raises(ValidationError, match="window_s"):
         GatewayConfig.model_validate({"telemetry": {"window_s": -1}})
+    with pytest.raises(ValidationError, match="guard.policy"):
+        GatewayConfig.model_validate({"guard": {"policy": "deny"}})
+    with pytest.raises(ValidationError, match="needs telemetry"):
+        GatewayConfig.model_validate({"guard": {"policy": "block"}, "telemetry": {"enabled": False}})
+    with pytest.raises(ValidationError, match="false_positive_rate"):
+        GatewayConfig.model_validate({"guard": {"false_positive_rate": 1.0}})
     config = GatewayConfig.model_validate({"engine": {"max_model_len": 512, "tensor_parallel_size": 1}})
     assert config.engine_options()["max_model_len"] == 512
     assert config.engine_options()["enforce_eager"] is True
@@ -141,9 +147,37 @@ def test_summaries_are_json_without_nan():
     telemetry, _ = _telemetry()
     summary = json.loads(json.dumps(json_safe(telemetry.summary()), allow_nan=False))
     assert summary["window"]["all"]["concentration"]["top_share"] == [None, None]
-    per_request = request_summary([[2, 2, 0, 0], [3, 1, 0, 0]], RoutingShape(2, 4, 2), 2, [(0, 0)])
+    hits = {"prompt": [[1, 1, 0, 0], [2, 0, 0, 0]], "generated": [[1, 1, 0, 0], [1, 1, 0, 0]]}
+    per_request = request_summary(hits, RoutingShape(2, 4, 2), 2, [(0, 0)])
+    assert per_request["hits"] == [[2, 2, 0, 0], [3, 1, 0, 0]]  # prompt and generated tokens
     assert per_request["routed_tokens"] == 2
     assert per_request["safety_expert_share"] == pytest.approx(2 / 8)
+    assert per_request["risk"] is None
+
+
+def test_requests_are_scored_on_their_prompt_routing():
+    from moe_routing.risk import routing_risk
+    from serving.telemetry import RoutingProfile
+
+    benign = np.array([[1.0, 0.6, 0.2, 0.2], [0.5, 0.5, 0.5, 0.5]])
+    harmful = np.array([[0.2, 0.2, 0.6, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    profile = RoutingProfile(benign, harmful, 2, "test")
+    telemetry = RoutingTelemetry("m", RoutingShape(2, 4, 2), GatewayMetrics(CollectorRegistry()),
+                                 window_s=10, safety_experts=[(0, 3)], risk_weights=profile.risk_weights())
+    like_harmful = telemetry.request_risk([[0, 1, 2, 3], [1, 1, 2, 2]])
+    like_benign = telemetry.request_risk([[3, 2, 1, 0], [1, 1, 2, 2]])
+    telemetry.observe_risk(like_harmful)
+    telemetry.observe_risk(like_benign)
+    assert like_harmful.prompt_tokens == 3 and like_harmful.score > 0 > like_benign.score
+    assert like_harmful.score == pytest.approx(
+        routing_risk([[0, 1, 2, 3], [1, 1, 2, 2]], profile.risk_weights(), 2))
+    assert like_harmful.safety_expert_share == pytest.approx(3 / 12)
+    histogram = telemetry.metrics.request_risk.labels("m")
+    assert histogram._sum.get() == pytest.approx(like_harmful.score + like_benign.score)
+    assert telemetry.request_risk(np.zeros((2, 4))).score is None  # nothing routed: no score
+    unprofiled = RoutingTelemetry("m", RoutingShape(2, 4, 2), GatewayMetrics(CollectorRegistry()),
+                                  window_s=10)
+    assert unprofiled.request_risk([[0, 1, 2, 3], [1, 1, 2, 2]]).score is None
 
 
 def test_safety_share_definition():

@@ -1,0 +1,153 @@
+"""The routing guard: a decision on every request from its prompt's routing risk, taken after
+prefill and before the first token leaves the gateway.
+
+`GuardedEngine` stands between vLLM's OpenAI serving classes and the engine. At a request's first
+output (its prompt is prefilled and one token sampled; nothing has been sent to the client yet)
+it asks the gateway for a decision; a blocked request's generator is closed, which aborts it in
+the engine (vLLM's `AsyncLLM.generate` aborts on GeneratorExit), and the serving classes see a
+stream that ended before its first output. The gateway then answers with an OpenAI-format
+refusal (`finish_reason: "content_filter"`). Other requests in the same batch are untouched.
+
+Under `observe` and `flag` a non-streaming request keeps vLLM's final-output-only mode and is
+judged when its output comes, at the end (there is nothing to stop); under `block` it is judged
+after prefill like a streaming one (`GuardedEngine`).
+
+Policies (per model, `guard.policy`; the admin may change it at run time):
+    observe  score and count (histograms, audit `risk`); never changes a response
+    flag     also mark high-risk requests: response header `X-Mesa-Guard: flagged`, audit `flagged`
+    block    refuse high-risk requests
+
+High risk: score > `threshold` (nats per prompt token, `moe_routing.risk`). Unset, the threshold
+is calibrated at start on the checkpoint's validation benign prompts scored through the engine:
+the smallest value that at most `false_positive_rate` of them exceed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+POLICIES = ("observe", "flag", "block")
+ACTIONS = ("allowed", "flagged", "blocked")
+REFUSAL = "This request was blocked by the gateway's safety guard."
+MAX_REMEMBERED = 10_000  # decisions of requests in flight; scores of recent prompts
+
+
+@dataclass(frozen=True)
+class GuardDecision:
+    action: str  # one of ACTIONS
+    risk: object  # serving.telemetry.RequestRisk
+    prompt_tokens: int  # the prompt's length (the risk may cover fewer: cached tokens are not routed)
+
+
+@dataclass
+class GuardState:
+    """A model's guard as it runs: the policy, and the threshold with where it came from."""
+
+    policy: str
+    threshold: float | None
+    threshold_source: str
+    false_positive_rate: float  # measured on the calibration prompts, else the configured target
+
+    def to_dict(self) -> dict:
+        return {"policy": self.policy, "threshold": self.threshold, "threshold_source": self.threshold_source,
+                "false_positive_rate": self.false_positive_rate}
+
+
+def decide(score: float | None, policy: str, threshold: float | None) -> str:
+    """The action for a request's risk score: high risk (score > threshold) is flagged or blocked
+    by those policies; no score or no threshold is allowed (the guard cannot judge it)."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if score is None or threshold is None or score <= threshold or policy == "observe":
+        return "allowed"
+    return "flagged" if policy == "flag" else "blocked"
+
+
+def calibrated_threshold(benign_scores, false_positive_rate: float) -> float:
+    """The smallest threshold that at most `false_positive_rate` of the benign scores exceed: the
+    ceil((1 - rate) * n)-th smallest score (a score equal to it is not high risk)."""
+    scores = np.sort(np.asarray([s for s in benign_scores if s is not None and s == s], dtype=np.float64))
+    if not len(scores):
+        raise ValueError("no benign scores to calibrate the guard's threshold on")
+    if not 0 <= false_positive_rate < 1:
+        raise ValueError(f"false_positive_rate must be in [0, 1), got {false_positive_rate}")
+    rank = int(np.ceil((1 - false_positive_rate) * len(scores)))  # 1-based
+    return float(scores[max(rank, 1) - 1])
+
+
+class PromptScores:
+    """Risk of recently scored prompts, by their token ids. The engine's prefix cache skips the
+    prompt tokens it already holds (a shared chat-template prefix, or all but the last token of a
+    repeated prompt), and the score covers the tokens it routed: a repeated prompt is judged by
+    the score that covered most of its tokens, normally its first."""
+
+    def __init__(self, size: int = MAX_REMEMBERED):
+        self.size, self._scores = size, OrderedDict()
+
+    @staticmethod
+    def digest(token_ids) -> bytes:
+        return hashlib.blake2b(np.asarray(token_ids, dtype=np.int64).tobytes(), digest_size=16).digest()
+
+    def resolve(self, token_ids, risk):
+        """The risk to judge this prompt by: the remembered one when it covered at least as many
+        tokens as `risk`, else `risk` (then remembered)."""
+        if token_ids is None:
+            return risk
+        key = self.digest(token_ids)
+        known = self._scores.get(key)
+        if known is None or risk.prompt_tokens > known.prompt_tokens:
+            self._scores[key] = known = risk
+        self._scores.move_to_end(key)
+        while len(self._scores) > self.size:
+            self._scores.popitem(last=False)
+        return known
+
+
+def prompt_token_ids(prompt) -> list[int] | None:
+    """The token ids of an engine prompt as the serving classes pass it (a dict-like input)."""
+    if isinstance(prompt, dict):
+        ids = prompt.get("prompt_token_ids")
+    else:
+        ids = getattr(prompt, "prompt_token_ids", None)
+    return list(ids) if ids is not None else None
+
+
+class GuardedEngine:
+    """The engine as vLLM's serving classes see it: every attribute is the engine's, except
+    `generate`, which asks `judge(request_id, prompt)` at the first output and ends the request
+    there when it answers False.
+
+    A non-streaming request asks the engine for its final output only, which comes when the
+    generation is over; while `blocking()` is true such a request is switched to cumulative
+    outputs (each step's output holds everything so far), so the first one comes after prefill,
+    and only the last is passed on, as the caller asked."""
+
+    def __init__(self, engine, judge, blocking=lambda: True):
+        self._engine, self._judge, self._blocking = engine, judge, blocking
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    async def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+        kind = getattr(sampling_params, "output_kind", None)
+        final_only = getattr(kind, "name", None) == "FINAL_ONLY" and self._blocking()
+        if final_only:
+            sampling_params = sampling_params.clone()
+            sampling_params.output_kind = type(kind).CUMULATIVE
+        outputs = self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs)
+        try:
+            first = True
+            async for output in outputs:
+                if first:
+                    first = False
+                    if not await self._judge(request_id, prompt):
+                        return  # `finally` closes the engine's generator: the request is aborted
+                if final_only and not output.finished:
+                    continue
+                yield output
+        finally:
+            await outputs.aclose()
