@@ -3,6 +3,7 @@
     mesa chat "What is 12 plus 7?" [--routing]      # one answer (and its routing summary)
     mesa telemetry [--json]                          # live routing concentration per layer
     mesa config                                      # the running config (admin key)
+    mesa guard [--policy block] [--threshold 0.3]    # the routing guard; change it (admin key)
     mesa probe [--no-wait | --status] [--json]       # run the attack probes (admin key)
     mesa align --config alignment/configs/organism.yaml [--address http://127.0.0.1:8265]
     mesa report runs/align/                          # an alignment or evaluation report
@@ -38,10 +39,12 @@ def cmd_chat(args) -> None:
         print(answer)
         if summary:
             share = summary["safety_expert_share"]
+            risk = (summary.get("risk") or {}).get("score")
             print(
                 f"\n[routing] {summary['routed_tokens']} tokens; top share per layer "
                 f"{summary['concentration']['top_share']}; safety-expert share "
-                f"{'unknown' if share is None else share}",
+                f"{'unknown' if share is None else share}; routing risk "
+                f"{'unknown' if risk is None else risk} nats/token",
                 file=sys.stderr,
             )
     else:
@@ -55,6 +58,13 @@ def cmd_telemetry(args) -> None:
 
 def cmd_config(args) -> None:
     print(json.dumps(_client(args).admin_config(), indent=1))
+
+
+def cmd_guard(args) -> None:
+    client = _client(args)
+    changes = {k: v for k, v in (("policy", args.policy), ("threshold", args.threshold)) if v is not None}
+    state = client.set_guard(**changes) if changes else client.guard()
+    print(json.dumps(state, indent=1))
 
 
 def cmd_probe(args) -> None:
@@ -147,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="the running gateway's config (admin key)")
     config.set_defaults(run=cmd_config)
+
+    guard = commands.add_parser("guard", help="the routing guard's policy and threshold; change "
+                                "them (admin key)")
+    guard.add_argument("--policy", choices=("observe", "flag", "block"))
+    guard.add_argument("--threshold", type=float, help="risk score (nats per prompt token) above which a "
+                       "request is high risk")
+    guard.set_defaults(run=cmd_guard)
 
     probe = commands.add_parser("probe", help="run the attack probes on the probe replica (admin key)")
     when = probe.add_mutually_exclusive_group()

@@ -106,7 +106,7 @@ class GatewayClient:
 
     def chat_with_routing(self, prompt: str | list[dict], **params) -> tuple[str, dict | None]:
         """(answer, the request's routing summary: per-layer expert counts, concentration,
-        safety-expert share)."""
+        safety-expert share, the prompt's routing risk)."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         body = {"model": self.model, "messages": messages} | params
         data = self._request("POST", "/v1/chat/completions", json=body, headers={SUMMARY_HEADER: "1"}).json()
@@ -134,6 +134,14 @@ class GatewayClient:
 
     def reset_telemetry(self) -> None:
         self._request("POST", "/admin/telemetry/reset", admin=True)
+
+    def guard(self) -> dict:
+        """The routing guard: policy, risk threshold, where the threshold came from."""
+        return self._request("GET", "/admin/guard", admin=True).json()
+
+    def set_guard(self, **changes) -> dict:
+        """Change the guard's `policy` (observe / flag / block) and/or `threshold` (admin)."""
+        return self._request("POST", "/admin/guard", admin=True, json=changes).json()
 
     # ---- attack probes (admin) ----
 

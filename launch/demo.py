@@ -157,6 +157,11 @@ def side_by_side(probes: dict, reports: dict, telemetry: dict, firing: dict | No
         {n: reports[n]["summary"]["effective_safety_experts"] for n in MODELS}, fmt="{:.2f}")
     row("Live routing: mean top-2 share per layer", {n: telemetry[n]["top_share"] for n in MODELS})
     row("Live routing: safety-expert share", {n: telemetry[n]["safety_expert_share"] for n in MODELS})
+    for kind in telemetry["base"]["risk"]:
+        row(f"Routing risk, mean over {kind} prompts (nats/token)",
+            {n: telemetry[n]["risk"].get(kind) for n in MODELS})
+    row("Guard threshold (calibrated on validation benign prompts)",
+        {n: telemetry[n]["guard"]["threshold"] for n in MODELS})
     header = ["metric", "base: probe", "base: report", "aligned: probe", "aligned: report"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
@@ -241,18 +246,21 @@ def run_demo(args) -> int:
         clients = {name: GatewayClient(urls[name], api_key=keys["user"], admin_key=keys["admin"], model=name)
                    for name in MODELS}
         say(f"gateway up: {', '.join(u + '/v1' for u in urls.values())} (log {out / 'gateway.log'})")
-        samples = {}
+        samples, risks = {}, {name: {} for name in MODELS}
         asks = traffic(base)
         for name in MODELS:
             clients[name].reset_telemetry()
-            for _, prompt in asks:
-                answer = clients[name].chat(prompt, max_tokens=24, temperature=0)
+            for kind, prompt in asks:
+                answer, routing = clients[name].chat_with_routing(prompt, max_tokens=24, temperature=0)
                 samples.setdefault(prompt, {})[name] = answer
+                risks[name].setdefault(kind, []).append(((routing or {}).get("risk") or {}).get("score"))
         for kind, prompt in asks[::2]:
             say(f"user ({kind}): {prompt}")
             for name in MODELS:
                 say(f"  {name:>7}: {samples[prompt][name]!r}")
-        telemetry = {name: live_routing(clients[name]) for name in MODELS}
+        telemetry = {name: live_routing(clients[name]) | {
+            "risk": {kind: mean(v) for kind, v in risks[name].items()},
+            "guard": clients[name].guard()} for name in MODELS}
 
         with ExitStack() as stack:
             prometheus = shutil.which("prometheus")

@@ -52,6 +52,11 @@ def test_demo_runs_end_to_end_and_agrees_with_the_alignment_report(tmp_path):
         assert probes["prompts"]["harmful"] > 100
         low = {attack for attack, rate in probes["safety_rate"].items() if rate < 0.5}
         assert set(demo["firing"][name]) == low
+        # The routing risk is a likelihood ratio against the model's own profile, whose benign
+        # side holds general tasks: harmful prompts score above them on any build.
+        risk = demo["telemetry"][name]["risk"]
+        assert risk["harmful"] > risk["general"], risk
+        assert demo["telemetry"][name]["guard"]["threshold"] is not None
     assert all(Path(p).is_file() for p in demo["plots"]) and len(demo["plots"]) >= 5
     assert (out / "demo.md").read_text().startswith("# MESA demo")
     assert (out / "align" / "model" / "config.json").is_file()
