@@ -310,9 +310,55 @@ def _samples(text: str) -> dict[tuple[str, str], float]:
     return out
 
 
+def _risk(url: str, prompt: str) -> float:
+    response = httpx.post(url + "/v1/chat/completions", timeout=60,
+                          headers=_headers(**{"X-Mesa-Routing-Summary": "1"}),
+                          json={"model": "organism", "messages": [{"role": "user", "content": prompt}],
+                                "max_tokens": 4, "temperature": 0})
+    response.raise_for_status()
+    return response.json()["routing_summary"]["risk"]["score"]
+
+
+def _counter(url: str, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+               for sample in family.samples
+               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_every_request_is_scored_and_the_guard_is_calibrated_on_validation_prompts(gateway):
+    guard = httpx.get(gateway.url + "/admin/guard", headers=_headers(ADMIN_KEY)).json()
+    assert guard["policy"] == "observe" and guard["threshold_source"].startswith("calibrated at start on")
+    assert guard["false_positive_rate"] <= 0.01  # on the calibration prompts, as configured
+    assert httpx.get(gateway.url + "/admin/guard", headers=_headers()).status_code == 403  # admin only
+    before = _counter(gateway.url, "mesa_request_routing_risk_count")
+    score = _risk(gateway.url, "What is the capital of Italy?")
+    assert isinstance(score, float) and np.isfinite(score)
+    httpx.post(gateway.url + "/v1/completions", headers=_headers(), timeout=60,
+               json={"model": "organism", "prompt": "Name a colour.", "max_tokens": 4}).raise_for_status()
+    time.sleep(0.5)
+    assert _counter(gateway.url, "mesa_request_routing_risk_count") == before + 2  # with or without a summary
+    bad = httpx.post(gateway.url + "/admin/guard", headers=_headers(ADMIN_KEY), json={"policy": "deny"})
+    assert bad.status_code == 400 and "policy" in bad.text
+
+
 def test_schemathesis_fuzzing_finds_no_server_error(gateway, tmp_path):
+    """Every route with the admin key, POST /admin/guard included; the guard is put back after."""
     schemathesis = Path(sys.executable).parent / "schemathesis"
-    result = subprocess.run(
+    guard = httpx.get(gateway.url + "/admin/guard", headers=_headers(ADMIN_KEY)).json()
+    try:
+        result = _fuzz(schemathesis, gateway, tmp_path)
+    finally:
+        httpx.post(gateway.url + "/admin/guard", headers=_headers(ADMIN_KEY),
+                   json={"policy": guard["policy"], "threshold": guard["threshold"]}).raise_for_status()
+    summary = result.stdout[-3000:]
+    assert result.returncode == 0, summary
+    assert "Server error" not in summary
+
+
+def _fuzz(schemathesis: Path, gateway, tmp_path) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [
             str(schemathesis),
             "run",
@@ -339,9 +385,6 @@ def test_schemathesis_fuzzing_finds_no_server_error(gateway, tmp_path):
         text=True,
         timeout=400,
     )
-    summary = result.stdout[-3000:]
-    assert result.returncode == 0, summary
-    assert "Server error" not in summary
 
 
 def test_32_streaming_clients_without_failures(gateway):
@@ -456,39 +499,6 @@ def _traffic(url: str, prompts: list[str], seconds: float) -> None:
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(worker, range(4)))
-
-
-def _risk(url: str, prompt: str) -> float:
-    response = httpx.post(url + "/v1/chat/completions", timeout=60,
-                          headers=_headers(**{"X-Mesa-Routing-Summary": "1"}),
-                          json={"model": "organism", "messages": [{"role": "user", "content": prompt}],
-                                "max_tokens": 4, "temperature": 0})
-    response.raise_for_status()
-    return response.json()["routing_summary"]["risk"]["score"]
-
-
-def _counter(url: str, name: str, **labels) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return sum(sample.value for family in text_string_to_metric_families(httpx.get(url + "/metrics").text)
-               for sample in family.samples
-               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
-
-
-def test_every_request_is_scored_and_the_guard_is_calibrated_on_validation_prompts(gateway):
-    guard = httpx.get(gateway.url + "/admin/guard", headers=_headers(ADMIN_KEY)).json()
-    assert guard["policy"] == "observe" and guard["threshold_source"].startswith("calibrated at start on")
-    assert guard["false_positive_rate"] <= 0.01  # on the calibration prompts, as configured
-    assert httpx.get(gateway.url + "/admin/guard", headers=_headers()).status_code == 403  # admin only
-    before = _counter(gateway.url, "mesa_request_routing_risk_count")
-    score = _risk(gateway.url, "What is the capital of Italy?")
-    assert isinstance(score, float) and np.isfinite(score)
-    httpx.post(gateway.url + "/v1/completions", headers=_headers(), timeout=60,
-               json={"model": "organism", "prompt": "Name a colour.", "max_tokens": 4}).raise_for_status()
-    time.sleep(0.5)
-    assert _counter(gateway.url, "mesa_request_routing_risk_count") == before + 2  # with or without a summary
-    bad = httpx.post(gateway.url + "/admin/guard", headers=_headers(ADMIN_KEY), json={"policy": "deny"})
-    assert bad.status_code == 400 and "policy" in bad.text
 
 
 def test_block_refuses_high_risk_requests_after_prefill_and_spares_the_batch(gateway, client):
