@@ -48,6 +48,7 @@ from serving.config import (
     resolve_safety_experts,
 )
 from serving.guard import (
+    ACTIONS,
     MAX_REMEMBERED,
     REFUSAL,
     GuardDecision,
@@ -56,6 +57,7 @@ from serving.guard import (
     PromptScores,
     calibrated_threshold,
     decide,
+    high_risk,
     prompt_token_ids,
 )
 from serving.limits import KeyLimiter
@@ -265,7 +267,7 @@ class Gateway:
         g, m = self.guard, self.metrics
         m.guard_threshold.labels(self.name).set(float("nan") if g.threshold is None else g.threshold)
         m.guard_false_positive_rate.labels(self.name).set(g.false_positive_rate)
-        for action in ("allowed", "flagged", "blocked"):
+        for action in ACTIONS:
             m.guard_decisions.labels(self.name, action)  # exported at 0, so increase() sees the first
         m.guard_high_risk.labels(self.name)
 
@@ -289,7 +291,7 @@ class Gateway:
             risk = self._prompt_scores.resolve(ids, t.request_risk(hits))
             t.observe_risk(risk)
             action = decide(risk.score, g.policy, g.threshold)
-            if g.threshold is not None and risk.score is not None and risk.score > g.threshold:
+            if high_risk(risk.score, g.threshold):
                 self.metrics.guard_high_risk.labels(self.name).inc()
             self.metrics.guard_decisions.labels(self.name, action).inc()
             decision = GuardDecision(action, risk, len(ids) if ids is not None else risk.prompt_tokens)

@@ -57,12 +57,16 @@ class GuardState:
                 "false_positive_rate": self.false_positive_rate}
 
 
+def high_risk(score: float | None, threshold: float | None) -> bool:
+    """Above the threshold; no score or no threshold is never high risk (nothing to judge by)."""
+    return score is not None and threshold is not None and score > threshold
+
+
 def decide(score: float | None, policy: str, threshold: float | None) -> str:
-    """The action for a request's risk score: high risk (score > threshold) is flagged or blocked
-    by those policies; no score or no threshold is allowed (the guard cannot judge it)."""
+    """The action for a request's risk score: high risk is flagged or blocked by those policies."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    if score is None or threshold is None or score <= threshold or policy == "observe":
+    if policy == "observe" or not high_risk(score, threshold):
         return "allowed"
     return "flagged" if policy == "flag" else "blocked"
 
