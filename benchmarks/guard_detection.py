@@ -4,6 +4,8 @@ on the validation split (GET /admin/guard), so no test prompt chooses anything.
 
     python benchmarks/guard_detection.py [--output runs/bench/guard_detection.json]
         # starts the organism gateway itself (observe policy); or point it at one:
+    python benchmarks/guard_detection.py --checkpoint runs/demo/align/model
+        # starts a gateway serving that checkpoint (an aligned one) under the name "organism"
     python benchmarks/guard_detection.py --url http://127.0.0.1:8000 --checkpoint DIR
         # keys from MESA_API_KEYS (first) and MESA_ADMIN_KEY
 
@@ -133,8 +135,8 @@ def measure(url: str, key: str, admin_key: str, checkpoint: str, limit: int | No
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", help="a running gateway (default: start the organism's)")
-    parser.add_argument("--checkpoint", help="the served checkpoint (for its eval_sets.json); "
-                        "default: the organism")
+    parser.add_argument("--checkpoint", help="the checkpoint to serve, or the one served at --url "
+                        "(for its eval_sets.json); default: the organism")
     parser.add_argument("--limit", type=int, help="at most this many prompts per set")
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--output", default="runs/bench/guard_detection.json")
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
             parser.error("--url needs MESA_API_KEYS and MESA_ADMIN_KEY in the environment")
         report = measure(args.url, key, admin, checkpoint, args.limit, args.threads)
     else:
-        app = gateway_app(model="organism", engine=ENGINE)
+        app = gateway_app(model=checkpoint, engine=ENGINE)
         with running_gateway([app], env={"MESA_API_KEYS": KEY, "MESA_ADMIN_KEY": ADMIN}) as gateway:
             report = measure(gateway.url, KEY, ADMIN, checkpoint, args.limit, args.threads)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
