@@ -133,8 +133,10 @@ class AlignmentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.training.batch_size < self.training.num_workers:
-            raise ValueError("training.batch_size must be >= training.num_workers")
+        training = self.training
+        if training.batch_size % training.num_workers:
+            raise ValueError(f"training.batch_size {training.batch_size} is the global batch: it must be "
+                             f"divisible by training.num_workers {training.num_workers}")
         return self
 
 

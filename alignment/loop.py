@@ -23,12 +23,13 @@ from torch import nn
 from alignment.augment import SafetyRouting, augmentation_mask, forced_routes
 from alignment.config import AlignmentConfig, TrainingConfig
 from alignment.data import Example, load_alignment_data
+from alignment.distributed import global_sum, world_size
 from alignment.methods import method_spec
 from alignment.router_loss import TiltTarget, TransportTarget, ot_kl_loss
 from alignment.trainable import Trainable, load_model, make_trainable
 from moe_routing.architectures import RouterSpec, describe
 from moe_routing.instrument import RouterLogits, capture_router_logits, force_experts, mask_experts
-from moe_routing.sft import collate, encode_chat, warmup_cosine, weighted_lm_loss
+from moe_routing.sft import collate, encode_chat, label_weight, warmup_cosine, weighted_lm_loss
 
 TRAINABLE_FILE = "trainable.pt"
 STATE_FILE = "train_state.pt"
@@ -91,10 +92,15 @@ def training_loss(model: nn.Module, trainable: Trainable, capture: RouterLogits 
     core's raw-logit capture on `reference_model`) and `router_loss`, the OT-KL router loss
     against the reference, computed by a second, gradient-free forward of the same model in
     reference mode. `masked` pairs are masked and `forced` routes forced in both forwards; the
-    captured logits are the router's own, before either."""
+    captured logits are the router's own, before either. Both losses are divided by global
+    counts (`alignment.distributed`), so data-parallel workers train what one worker would."""
     from torch.nn.utils import parametrize
 
     reference_model = reference_model or model
+    world = world_size()
+    valid = batch.attention_mask.bool().reshape(-1)
+    weight_total = global_sum(label_weight(batch.labels, batch.row_weight).sum()) / world
+    token_total = global_sum(valid.sum().float()) / world
     with ExitStack() as routes:
         if masked:
             routes.enter_context(mask_experts(reference_model, masked))
@@ -102,7 +108,7 @@ def training_loss(model: nn.Module, trainable: Trainable, capture: RouterLogits 
             routes.enter_context(force_experts(reference_model, forced))
         with parametrize.cached():  # W + delta once per layer, not once per expert access
             output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        sft = weighted_lm_loss(output.logits, batch.labels, batch.row_weight)
+        sft = weighted_lm_loss(output.logits, batch.labels, batch.row_weight, weight_total)
         router = torch.zeros((), device=sft.device)
         logits = capture.take() if capture is not None else None
         if logits is None or not router_loss:
@@ -111,8 +117,8 @@ def training_loss(model: nn.Module, trainable: Trainable, capture: RouterLogits 
             reference_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         reference_logits = capture.take()
     tokens = batch.input_ids.shape[1]
-    router = ot_kl_loss(logits, reference_logits, spec, batch.harmful.repeat_interleave(tokens),
-                        batch.attention_mask.bool().reshape(-1), target)
+    router = ot_kl_loss(logits, reference_logits, spec, batch.harmful.repeat_interleave(tokens), valid,
+                        target, token_total)
     return sft + training.gamma * router, sft, router, logits
 
 
@@ -216,12 +222,14 @@ def train_worker(job: dict) -> None:
     with capture_router_logits(inner) if needs_logits else nullcontext() as capture:
         model.train()
         for step in range(start, training.steps):
-            rows = step_batch(step, config.seed, training, len(data.safety), len(data.general))[rank::world]
-            batch = make_batch(rows, encoded, examples, tokenizer.pad_token_id, training.general_replay,
-                               device)
+            rows = step_batch(step, config.seed, training, len(data.safety), len(data.general))
+            batch = make_batch(rows[rank::world], encoded, examples, tokenizer.pad_token_id,
+                               training.general_replay, device)
             masked = augmentation_mask(step, config.seed, training, routing)
-            forced = forced_routes(step, config.seed, training, members, moe.top_k, batch.harmful.tolist(),
-                                   batch.input_ids.shape[1])
+            # Drawn for the global batch, then this worker's rows: the routes one worker would draw.
+            forced = forced_routes(step, config.seed, training, members, moe.top_k,
+                                   [examples[kind][i].harmful for kind, i in rows], batch.input_ids.shape[1])
+            forced = {layer: routes[rank::world] for layer, routes in forced.items()}
             loss, sft, router, logits = training_loss(
                 model, trainable, capture, batch, spec=moe.router, target=target, training=training,
                 reference_model=inner, router_loss=use_router_loss, masked=masked, forced=forced,
@@ -236,6 +244,9 @@ def train_worker(job: dict) -> None:
             optimizer.step()
             scheduler.step()
             done = step + 1
+            # Each worker's loss is its tokens' sum over the global count / world: the mean over
+            # workers is the global batch's loss.
+            loss, sft, router = (global_sum(value) / world for value in (loss, sft, router))
             history.append({"step": done, "loss": loss.item(), "sft": sft.item(), "router": router.item(),
                             "masked": len(masked), "forced": bool(forced),
                             "seconds": round(elapsed + time.monotonic() - started, 1)})

@@ -81,32 +81,43 @@ def token_transport(reference: torch.Tensor, cost: torch.Tensor, eps: float) -> 
 @dataclass(frozen=True)
 class TransportTarget:
     """Safety tokens of each layer transported onto its safety set D_l ([L, E] bool) with the
-    allocation cost [L, E] and capacity 1/|D_l| each (module docstring)."""
+    allocation cost [L, E] and capacity 1/|D_l| each (module docstring). The plan is over the
+    safety tokens of the whole global batch: with data-parallel workers, every worker solves it
+    on all workers' tokens (`alignment.distributed.gather_rows`) and keeps its own rows."""
 
     safety_set: torch.Tensor
     cost: torch.Tensor
     eps: float
 
     def __call__(self, layer: int, reference: torch.Tensor, safety: torch.Tensor) -> torch.Tensor:
+        from alignment.distributed import gather_rows
+
         members = self.safety_set[layer].nonzero().flatten()
         target = reference.clone()
-        n = int(safety.sum())
-        if n == 0 or members.numel() == 0:
+        if members.numel() == 0:
             return target
-        plan = token_transport(reference[safety][:, members], self.cost[layer, members], self.eps)
+        n = int(safety.sum())
+        everyone, offset = gather_rows(reference[safety][:, members])  # every worker calls it
+        if everyone.shape[0] == 0:
+            return target
+        plan = token_transport(everyone, self.cost[layer, members], self.eps)[offset : offset + n]
         rows = torch.zeros(n, reference.shape[1], dtype=reference.dtype, device=reference.device)
-        rows[:, members] = (plan * n).to(reference.dtype)
+        rows[:, members] = plan.to(reference.dtype)
         target[safety] = rows / rows.sum(dim=-1, keepdim=True)  # exact row sums of 1
         return target
 
 
 def ot_kl_loss(logits: Sequence[torch.Tensor], reference_logits: Sequence[torch.Tensor], spec: RouterSpec,
-               safety: torch.Tensor, valid: torch.Tensor, target) -> torch.Tensor:
+               safety: torch.Tensor, valid: torch.Tensor, target,
+               tokens: torch.Tensor | float | None = None) -> torch.Tensor:
     """Mean over MoE layers of mean over real tokens of KL(target || P_phi).
 
     logits / reference_logits: per layer [N, E] (N = batch * length, row-major); safety, valid: [N]
     bool; target: a :class:`TiltTarget` or :class:`TransportTarget`. Only real safety tokens
-    enter the transport (padding holds no duty)."""
+    enter the transport (padding holds no duty). `tokens`: what the per-layer KL sum is divided
+    by (default: this batch's real tokens; a data-parallel worker passes the global count over
+    the number of workers, `alignment.distributed`)."""
+    tokens = valid.sum() if tokens is None else tokens
     losses = []
     for layer, (current, ref) in enumerate(zip(logits, reference_logits)):
         reference = distribution(ref.detach(), spec)
@@ -114,5 +125,5 @@ def ot_kl_loss(logits: Sequence[torch.Tensor], reference_logits: Sequence[torch.
             wanted = target(layer, reference, safety & valid)
         log_p = torch.log(distribution(current, spec).clamp_min(1e-12))
         kl = (wanted * (torch.log(wanted.clamp_min(1e-12)) - log_p)).sum(dim=-1)
-        losses.append(kl[valid].mean())
+        losses.append(kl[valid].sum() / tokens)
     return torch.stack(losses).mean()

@@ -107,6 +107,19 @@ def _check_output_dir(out: Path, fingerprint: dict) -> None:
     path.write_text(json.dumps({"key": _digest(fingerprint), **fingerprint}, indent=1, default=str))
 
 
+def check_layout(training) -> None:
+    """Refuse, before any work, a worker layout the Ray cluster cannot place: each training
+    worker takes one GPU (use_gpu) or one CPU, and Ray would otherwise wait for them forever."""
+    import ray
+
+    kind = "GPU" if training.use_gpu else "CPU"
+    have = ray.cluster_resources().get(kind, 0)
+    if have < training.num_workers:
+        raise ValueError(f"training.num_workers {training.num_workers} needs {training.num_workers} "
+                         f"{kind}s (one per worker), but the Ray cluster has {have:g}; lower num_workers "
+                         "or add nodes (an autoscaling cluster: start them first)")
+
+
 def train(config: AlignmentConfig, checkpoint: str, experts, safety_set, cost, out: Path,
           safety: RoutingCounts, general: RoutingCounts) -> Path:
     """Ray Train (TorchTrainer): data-parallel workers; returns the final checkpoint directory."""
@@ -199,6 +212,7 @@ def run(config: AlignmentConfig) -> dict:
 
     # Under `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local instance.
     init_ray(log_to_driver=True, log=log)
+    check_layout(config.training)
     data: AlignmentData = stage("data", lambda: load_alignment_data(config, checkpoint))
     log(f"[align] data: {data.sizes()}")
     safety_prompts, general_prompts = data.statistics_prompts(config.data.statistics_prompts, config.seed)

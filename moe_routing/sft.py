@@ -42,15 +42,24 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int):
     return input_ids, mask, labels
 
 
-def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy over labelled tokens, each row's tokens weighted by row_weight."""
+def label_weight(labels: torch.Tensor, row_weight: torch.Tensor) -> torch.Tensor:
+    """[B, T-1]: the weight of each next-token prediction (row_weight on labelled tokens, else 0)."""
+    return (labels[:, 1:] != -100).float() * row_weight[:, None]
+
+
+def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, row_weight: torch.Tensor,
+                     total_weight: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Next-token cross entropy over labelled tokens, each row's tokens weighted by row_weight:
+    sum(weight * ce) / total_weight (default: this batch's sum of weights; a data-parallel
+    worker passes the global sum over the number of workers)."""
+    weight = label_weight(labels, row_weight)
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    weight = (labels != -100).float() * row_weight[:, None]
-    if weight.sum() == 0:
+    total_weight = weight.sum() if total_weight is None else total_weight
+    if float(total_weight) == 0:
         return logits.sum() * 0.0
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0),
                          reduction="none").view_as(weight)
-    return (ce * weight).sum() / weight.sum()
+    return (ce * weight).sum() / total_weight
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, floor: float = 0.1) -> float:

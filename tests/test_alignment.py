@@ -249,6 +249,54 @@ def test_transport_target_spreads_safety_tokens_over_the_safety_set():
                        reference)
 
 
+def _two_worker_losses(rank: int, init: str, reference, current, safety, members, out):
+    """One gloo worker of `test_two_gloo_workers_compute_the_one_worker_loss_and_gradient`: rows
+    rank::2, the loss divided by global counts as the training loop does."""
+    from alignment.distributed import global_sum
+    from alignment.router_loss import TransportTarget
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        moe = describe(tiny_model("qwen3_moe", seed=0))
+        rows = torch.arange(current.shape[0])[rank::2]
+        mine = current[rows].clone().requires_grad_(True)
+        valid = torch.ones(len(rows), dtype=torch.bool)
+        target = TransportTarget(members, torch.ones(1, moe.num_experts), 1.0)
+        tokens = global_sum(valid.sum().float()) / 2
+        loss = ot_kl_loss([mine], [reference[rows]], moe.router, safety[rows], valid, target, tokens)
+        loss.backward()
+        torch.save({"loss": loss.detach(), "rows": rows, "grad": mine.grad}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_workers_compute_the_one_worker_loss_and_gradient(tmp_path):
+    """The token transport plan is solved over both workers' safety tokens, and the KL sums are
+    divided by the global token count over 2: the workers' losses average to one worker's loss
+    and their gradients (what DDP averages, times 2) are one worker's."""
+    import torch.multiprocessing as mp
+
+    moe = describe(tiny_model("qwen3_moe", seed=0))
+    torch.manual_seed(0)
+    reference, current = torch.randn(2, 15, moe.num_experts)
+    safety = torch.arange(15) % 3 != 0
+    members = torch.zeros(1, moe.num_experts, dtype=torch.bool)
+    members[0, [1, 3, 4]] = True
+    out = tmp_path / "worker"
+    mp.spawn(_two_worker_losses, nprocs=2, join=True,
+             args=(f"file://{tmp_path / 'store'}", reference, current, safety, members, str(out)))
+    from alignment.router_loss import TransportTarget
+
+    whole = current.clone().requires_grad_(True)
+    loss = ot_kl_loss([whole], [reference], moe.router, safety, torch.ones(15, dtype=torch.bool),
+                      TransportTarget(members, torch.ones(1, moe.num_experts), 1.0))
+    loss.backward()
+    parts = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    torch.testing.assert_close((parts[0]["loss"] + parts[1]["loss"]) / 2, loss.detach())
+    for part in parts:
+        torch.testing.assert_close(part["grad"] / 2, whole.grad[part["rows"]])
+
+
 def test_ot_kl_loss_with_the_transport_target_pulls_towards_the_safety_set():
     from alignment.router_loss import TransportTarget
 
