@@ -5,7 +5,8 @@ requests back to back through the unmodified OpenAI SDK.
         --clients 32 --requests 20 --max-tokens 16
 
 Reports throughput (requests/s, completion tokens/s), latency and time-to-first-chunk p50/p99,
-and every failure (a failed request is any exception or a stream without content)."""
+every failure (a failed request is any exception or a stream without content), and how many
+answers the gateway's guard replaced by a refusal (finish_reason content_filter)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ PROMPTS = [
 ]
 
 
-async def _one(client, model: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+async def _one(client, model: str, prompt: str, max_tokens: int) -> tuple[float, float, int, bool]:
     started = time.perf_counter()
     first = None
     tokens = 0
+    blocked = False
     stream = await client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": prompt}],
@@ -45,11 +47,13 @@ async def _one(client, model: str, prompt: str, max_tokens: int) -> tuple[float,
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content and first is None:
             first = time.perf_counter() - started
+        if chunk.choices and chunk.choices[0].finish_reason == "content_filter":
+            blocked = True
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
     if first is None:
         raise RuntimeError("stream ended without content")
-    return time.perf_counter() - started, first, tokens
+    return time.perf_counter() - started, first, tokens, blocked
 
 
 async def run_load(
@@ -60,6 +64,7 @@ async def run_load(
     requests_per_client: int = 20,
     max_tokens: int = 16,
     model: str = "organism",
+    prompts: list[str] = PROMPTS,
 ) -> dict:
     client = openai.AsyncOpenAI(
         base_url=url.rstrip("/") + "/v1",
@@ -69,20 +74,21 @@ async def run_load(
         http_client=openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_connections=clients * 2)),
     )
     latencies, firsts, errors = [], [], []
-    total_tokens = 0
+    total_tokens = blocked = 0
 
     async def user(index: int) -> None:
-        nonlocal total_tokens
+        nonlocal total_tokens, blocked
         for r in range(requests_per_client):
-            prompt = PROMPTS[(index + r) % len(PROMPTS)]
+            prompt = prompts[(index + r) % len(prompts)]
             try:
-                latency, first, tokens = await _one(client, model, prompt, max_tokens)
+                latency, first, tokens, refused = await _one(client, model, prompt, max_tokens)
             except Exception as error:  # recorded, the run goes on
                 errors.append(f"{type(error).__name__}: {error}")
                 continue
             latencies.append(latency)
             firsts.append(first)
             total_tokens += tokens
+            blocked += refused
 
     started = time.perf_counter()
     await asyncio.gather(*(user(i) for i in range(clients)))
@@ -97,6 +103,7 @@ async def run_load(
         "requests": clients * requests_per_client,
         "failures": len(errors),
         "errors": errors[:20],
+        "blocked_by_guard": blocked,
         "wall_s": round(wall, 3),
         "requests_per_s": round(len(latencies) / wall, 3),
         "completion_tokens": total_tokens,

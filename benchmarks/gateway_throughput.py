@@ -1,11 +1,19 @@
 """Gateway overhead, measured in one run on the same model and load:
 
   1. routing telemetry on vs off (same gateway)                       target ratio >= 0.97
-  2. the gateway (telemetry on) vs vLLM's own `vllm serve` OpenAI server  target ratio >= 0.95,
-     and the p50 latency the gateway adds
+  2. the routing guard in `block` mode vs telemetry only              target ratio >= 0.97
+  3. the gateway (telemetry on) vs vLLM's own `vllm serve` OpenAI server: throughput under load
+     (target >= 0.8 on this machine), the p50 latency added at concurrency 1 (target <= 20 ms),
+     and CPU-seconds per 1,000 generated tokens summed over every process of the machine but
+     this load generator (the gateway's are the Serve proxy, the replica, the engine core and
+     Ray's daemons)
+  4. Ray Serve's throughput-optimised data plane (RAY_SERVE_THROUGHPUT_OPTIMIZED=1) vs default
 
 Each variant is started fresh, warmed up, then loaded by `gateway_load.run_load` (streaming chat,
-the OpenAI SDK); the variants alternate over `--rounds` rounds so drift hits all of them alike.
+the OpenAI SDK; benign prompts only, so the guard judges every request and blocks none: the load
+stays the same work for every variant, and the report counts any block), then sent
+`--c1-requests` requests one at a time. The variants alternate over `--rounds` rounds so drift
+hits all of them alike.
 
     python benchmarks/gateway_throughput.py [--clients 32 --requests 10 --max-tokens 32 --rounds 2]
 """
@@ -24,9 +32,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gateway_load import run_load  # noqa: E402
+from gateway_load import PROMPTS, run_load  # noqa: E402
 
 from launch.processes import free_port, gateway_app, running_gateway  # noqa: E402
 from organism.build import ensure_organism  # noqa: E402
@@ -34,20 +43,34 @@ from serving.config import DEFAULT_ENGINE  # noqa: E402
 
 KEY = "bench-user-key-0001"
 ENGINE = DEFAULT_ENGINE | {"dtype": "float32", "gpu_memory_utilization": 0.2, "max_num_seqs": 64}
+BENIGN = [p for p in PROMPTS if "bomb" not in p]
+
+
+def _busy_cpu_seconds() -> float:
+    """CPU-seconds every process of the machine has used so far, less this load generator's."""
+    machine = psutil.cpu_times()
+    busy = sum(getattr(machine, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+    own = psutil.Process().cpu_times()
+    return busy - own.user - own.system
 
 
 async def _measure(url: str, args) -> dict:
-    await run_load(
-        url, KEY, clients=args.clients, requests_per_client=2, max_tokens=args.max_tokens
-    )  # warm-up
-    return await run_load(
-        url, KEY, clients=args.clients, requests_per_client=args.requests, max_tokens=args.max_tokens
-    )
+    load = dict(key=KEY, max_tokens=args.max_tokens, prompts=BENIGN)
+    await run_load(url, clients=args.clients, requests_per_client=2, **load)  # warm-up
+    cpu = _busy_cpu_seconds()
+    result = await run_load(url, clients=args.clients, requests_per_client=args.requests, **load)
+    cpu = _busy_cpu_seconds() - cpu
+    result["cpu_s_per_1k_tokens"] = round(1000 * cpu / max(result["completion_tokens"], 1), 3)
+    single = await run_load(url, clients=1, requests_per_client=args.c1_requests, **load)
+    keep = ("latency_p50_s", "first_chunk_p50_s", "failures", "blocked_by_guard")
+    result["c1"] = {k: single[k] for k in keep}
+    return result
 
 
-def gateway_variant(telemetry: bool, args) -> dict:
-    app = gateway_app(model="organism", engine=ENGINE, telemetry={"enabled": telemetry})
-    with running_gateway([app], env={"MESA_API_KEYS": KEY}) as gateway:
+def gateway_variant(args, telemetry: bool = True, guard: str = "observe", env: dict | None = None) -> dict:
+    app = gateway_app(model="organism", engine=ENGINE, telemetry={"enabled": telemetry},
+                      guard={"policy": guard})
+    with running_gateway([app], env={"MESA_API_KEYS": KEY} | (env or {})) as gateway:
         return asyncio.run(_measure(gateway.url, args))
 
 
@@ -89,13 +112,17 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--c1-requests", type=int, default=30, help="requests sent one at a time")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--output", type=Path, default=None, help="write the JSON report here")
     args = parser.parse_args()
     variants = {
         "vllm_serve": lambda: vllm_serve_variant(args),
-        "gateway_telemetry_on": lambda: gateway_variant(True, args),
-        "gateway_telemetry_off": lambda: gateway_variant(False, args),
+        "gateway_telemetry_on": lambda: gateway_variant(args),
+        "gateway_telemetry_off": lambda: gateway_variant(args, telemetry=False),
+        "gateway_guard_block": lambda: gateway_variant(args, guard="block"),
+        "gateway_throughput_optimized": lambda: gateway_variant(
+            args, env={"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
     }
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for round_index in range(args.rounds):
@@ -105,7 +132,8 @@ def main() -> None:
             print(
                 f"[bench] round {round_index + 1} {name}: {result['requests_per_s']} req/s, "
                 f"{result['completion_tokens_per_s']} tok/s, p50 {result['latency_p50_s']} s, "
-                f"failures {result['failures']}",
+                f"c1 p50 {result['c1']['latency_p50_s']} s, {result['cpu_s_per_1k_tokens']} CPU-s/1k tok, "
+                f"failures {result['failures']}, blocked {result['blocked_by_guard']}",
                 flush=True,
             )
 
@@ -113,11 +141,22 @@ def main() -> None:
         return float(np.mean([r[key] for r in runs[name]]))
 
     on, off, bare = "gateway_telemetry_on", "gateway_telemetry_off", "vllm_serve"
+    block, optimized = "gateway_guard_block", "gateway_throughput_optimized"
+
+    def c1(name: str) -> float:
+        return float(np.mean([r["c1"]["latency_p50_s"] for r in runs[name]]))
+
     report = {
         "settings": vars(args) | {"output": str(args.output) if args.output else None, "engine": ENGINE},
         "runs": runs,
         "telemetry_on_vs_off_throughput": round(
             mean(on, "completion_tokens_per_s") / mean(off, "completion_tokens_per_s"), 3
+        ),
+        "guard_block_vs_telemetry_on_throughput": round(
+            mean(block, "completion_tokens_per_s") / mean(on, "completion_tokens_per_s"), 3
+        ),
+        "throughput_optimized_vs_default_throughput": round(
+            mean(optimized, "completion_tokens_per_s") / mean(on, "completion_tokens_per_s"), 3
         ),
         "gateway_vs_vllm_serve_throughput": round(
             mean(on, "completion_tokens_per_s") / mean(bare, "completion_tokens_per_s"), 3
@@ -126,7 +165,11 @@ def main() -> None:
         "gateway_added_first_chunk_p50_s": round(
             mean(on, "first_chunk_p50_s") - mean(bare, "first_chunk_p50_s"), 4
         ),
+        "gateway_added_p50_latency_at_concurrency_1_s": round(c1(on) - c1(bare), 4),
+        "guard_block_added_p50_latency_at_concurrency_1_s": round(c1(block) - c1(on), 4),
+        "cpu_s_per_1k_tokens": {name: round(mean(name, "cpu_s_per_1k_tokens"), 3) for name in runs},
         "failures": sum(r["failures"] for rs in runs.values() for r in rs),
+        "blocked_by_guard": sum(r["blocked_by_guard"] for rs in runs.values() for r in rs),
     }
     summary = {k: v for k, v in report.items() if k not in ("runs", "settings")}
     print(json.dumps(summary, indent=1))
