@@ -90,18 +90,9 @@ def _kill_session(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def test_killed_job_resumes_to_the_same_result(tmp_path, organism):
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    # Uninterrupted run.
-    whole = subprocess.run(RUN + ["--config", str(_config(tmp_path, "whole", organism))],
-                           capture_output=True, text=True, timeout=600, env=env)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    report = json.loads((tmp_path / "whole" / "report.json").read_text())
-    assert report["training"]["steps"] == 24 and report["method"] == "mesa"
-
-    # The same job, killed (SIGKILL, the whole process group) once a checkpoint exists.
-    config = _config(tmp_path, "killed", organism)
-    run_dir = tmp_path / "killed"
+def _kill_after_first_checkpoint(config: Path, run_dir: Path, env: dict) -> list[int]:
+    """Start the job, SIGKILL its whole session once a complete checkpoint exists; the steps
+    checkpointed by then."""
     process = subprocess.Popen(RUN + ["--config", str(config)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     deadline = time.monotonic() + 400
@@ -109,13 +100,31 @@ def test_killed_job_resumes_to_the_same_result(tmp_path, organism):
         time.sleep(0.1)
     assert process.poll() is None, "the job ended before it could be killed"
     _kill_session(process)
-    steps_done = _checkpoint_steps(run_dir)
+    return _checkpoint_steps(run_dir)
+
+
+def _run_job(config: Path, env: dict) -> subprocess.CompletedProcess:
+    run = subprocess.run(RUN + ["--config", str(config)], capture_output=True, text=True, timeout=600,
+                         env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_killed_job_resumes_to_the_same_result(tmp_path, organism):
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    # Uninterrupted run.
+    _run_job(_config(tmp_path, "whole", organism), env)
+    report = json.loads((tmp_path / "whole" / "report.json").read_text())
+    assert report["training"]["steps"] == 24 and report["method"] == "mesa"
+
+    # The same job, killed (SIGKILL, the whole process group) once a checkpoint exists.
+    config = _config(tmp_path, "killed", organism)
+    run_dir = tmp_path / "killed"
+    steps_done = _kill_after_first_checkpoint(config, run_dir, env)
     assert steps_done and max(steps_done) < 24
     assert not (run_dir / "model").exists()
 
-    resumed = subprocess.run(RUN + ["--config", str(config)], capture_output=True, text=True,
-                             timeout=600, env=env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = _run_job(config, env)
     # Ray Train restores the newest checkpoint it recorded, or the job the newest one on disk.
     resumed_at = re.findall(r"resumed at step (\d+)/24", resumed.stdout + resumed.stderr)
     assert resumed_at and int(resumed_at[0]) in steps_done
@@ -173,13 +182,6 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert run.returncode == 2 and "not found" in run.stderr
 
 
-def _run_job(config: Path, env: dict) -> subprocess.CompletedProcess:
-    run = subprocess.run(RUN + ["--config", str(config)], capture_output=True, text=True, timeout=600,
-                         env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
-
-
 def test_two_workers_train_what_one_does_and_a_killed_two_worker_job_resumes_exactly(tmp_path, organism):
     """Ray Train, 2 CPU workers (gloo) vs 1, same global batch of 8: every loss is divided by
     global counts, the token transport plan is solved over both workers' tokens and the forced
@@ -211,14 +213,7 @@ def test_two_workers_train_what_one_does_and_a_killed_two_worker_job_resumes_exa
 
     config = _config(tmp_path, "killed", organism, num_workers=2, **layout)
     run_dir = tmp_path / "killed"
-    process = subprocess.Popen(RUN + ["--config", str(config)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    deadline = time.monotonic() + 400
-    while not _checkpoint_steps(run_dir) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert process.poll() is None, "the job ended before it could be killed"
-    _kill_session(process)
-    steps_done = _checkpoint_steps(run_dir)
+    steps_done = _kill_after_first_checkpoint(config, run_dir, env)
     assert steps_done and max(steps_done) < 12
     resumed = _run_job(config, env)
     assert re.findall(r"resumed at step (\d+)/12", resumed.stdout + resumed.stderr)
