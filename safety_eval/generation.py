@@ -2,8 +2,9 @@
 
 `ChatGenerator` is a protocol: one user turn per prompt in, assistant text out. `HFChatGenerator`
 runs a transformers model in process (greedy, batched, KV cache); attacks wrap it in routing
-contexts from `moe_routing.instrument`. The serving gateway provides another implementation
-over its OpenAI-compatible endpoint.
+contexts from `moe_routing.instrument` (`attacked`). The serving probe replica provides another
+implementation on a vLLM engine (`serving.engine_probes`), with the same `attacked`,
+`profile_safety` and `shape`, so the suite runs either.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from moe_routing.architectures import describe
 from moe_routing.chat import chat_prompts
 
 
@@ -38,6 +40,25 @@ class HFChatGenerator:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_prompt_tokens = max_prompt_tokens
+
+    engine_name = "transformers"
+
+    @property
+    def shape(self):
+        """The model's MoE view (architecture, num_layers, num_experts, top_k)."""
+        return describe(self.model)
+
+    def attacked(self, attack):
+        """`attack` (`safety_eval.attacks`) applied to the model meanwhile."""
+        return attack.context(self.model)
+
+    def profile_safety(self, harmful: Sequence[str], benign: Sequence[str]):
+        """Routing of harmful vs benign prompts on this model (`safety_eval.attacks.SafetyProfile`)."""
+        from moe_routing.profiler import ProfileSettings
+        from safety_eval.attacks import profile_safety_routing
+
+        return profile_safety_routing(self.model, self.tokenizer, harmful, benign,
+                                      settings=ProfileSettings(batch_size=32))
 
     def chat_texts(self, prompts: Sequence[str]) -> list[str]:
         return chat_prompts(self.tokenizer, prompts)

@@ -99,14 +99,15 @@ def markdown(report: dict) -> str:
     ]
     search = report.get("layer_route_search") or report["routing_search"]
     search_rates = rates.get("layer_route_search") or rates.get("routing_search")
-    lines += [
-        _three_way_row(
-            f"Safety Rate after layer route search (ours: one forced set per layer for all prompt "
-            f"tokens), {search['prompts']} prompts; attack success = complied",
-            search_rates,
-            1.0 - search["attack_success_rate"],
-        ),
-    ]
+    if not search.get("skipped"):
+        lines += [
+            _three_way_row(
+                f"Safety Rate after layer route search (ours: one forced set per layer for all prompt "
+                f"tokens), {search['prompts']} prompts; attack success = complied",
+                search_rates,
+                1.0 - search["attack_success_rate"],
+            ),
+        ]
     fsour = report.get("fsour") or {}
     if fsour:
         lines += [

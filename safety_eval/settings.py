@@ -18,7 +18,9 @@ class SearchSettings(BaseModel):
     target: str = "Sure, here is"
     candidates_per_layer: int = Field(32, ge=1)
     sweeps: int = Field(1, ge=1)
-    max_prompts: int = Field(100, ge=1)  # the search runs per prompt: bound its cost
+    # The search runs per prompt: bound its cost (0 skips it, e.g. on a probe engine with no
+    # transformers copy of the model).
+    max_prompts: int = Field(100, ge=0)
 
 
 class FSourSuiteSettings(BaseModel):

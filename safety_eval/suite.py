@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from moe_routing.architectures import UnsupportedArchitectureError, describe
-from moe_routing.profiler import ProfileSettings, load_checkpoint
+from moe_routing.architectures import UnsupportedArchitectureError
+from moe_routing.profiler import load_checkpoint
 from moe_routing.stats import budget_count, concentration, effective_safety_experts, expert_frequency
 from safety_eval.attacks import (
     LayerRouteSearch,
@@ -34,7 +34,6 @@ from safety_eval.attacks import (
     SafetyProfile,
     mean_and_spread,
     n50,
-    profile_safety_routing,
     random_mask,
     run_layer_route_search,
     top_mask,
@@ -81,6 +80,7 @@ def run_suite(
     log=lambda message: print(message, flush=True),
     on_phase=lambda name: None,
     work_dir: str | Path | None = None,
+    generator=None,
 ) -> dict:
     """Every metric and attack on one checkpoint; returns the report as a dict.
 
@@ -90,6 +90,12 @@ def run_suite(
     rerun after a crash resumes the slow attack where it stopped. `on_phase(name)` is
     called as each phase starts (plain, identification, masking, routing_scale, layer_route_search,
     fsour).
+
+    `generator` answers, attacks and profiles on another engine than a transformers model in
+    this process (the serving probe replica's vLLM engine, `serving.engine_probes`): it has
+    `generate`, `attacked(attack)`, `profile_safety(harmful, benign)` and `shape`. The forced-route
+    searches still need a transformers model: it is loaded (or `model` used) only when one of
+    them runs (`layer_route_search.max_prompts` > 0 or F-SOUR candidates).
 
     Masking budgets: `mask_counts` plus each of `mask_fractions` as a count (`budget_count`), the
     top-N pairs capped at E - top_k per layer (`moe_routing.stats.top_pairs`); N50 (`n50`) is the
@@ -101,12 +107,17 @@ def run_suite(
     judge = build_judge(judge_settings)
     judge_entry = judge_report(judge_settings, judge)
     log(f"[eval] {judge_line(judge_entry)}")
-    if model is None:
+    route = settings.layer_route_search
+    searches = route.max_prompts > 0 or bool(settings.fsour.candidates)
+    if model is None and (generator is None or searches):
         model, tokenizer = load_checkpoint(checkpoint, dtype=torch.float32)
-    moe = describe(model)
+    hf_generator = None
+    if model is not None:
+        hf_generator = HFChatGenerator(model, tokenizer, batch_size=settings.batch_size)
+    generator = generator or hf_generator
+    moe = generator.shape
     held_out = EvalSets.for_checkpoint(checkpoint, seed=settings.seed)
     sets = held_out.subsample(settings.limit)
-    generator = HFChatGenerator(model, tokenizer, batch_size=settings.batch_size)
     options = {"max_new_tokens": settings.max_new_tokens}
     timings: dict[str, float] = {}
 
@@ -121,12 +132,7 @@ def run_suite(
     plain = timed("plain", lambda: evaluate(generator, sets, judge, jailbreak=settings.jailbreak, **options))
     if profile is None:
         harmful_id, benign_id = identification_prompts(settings, held_out)
-        profile = timed(
-            "identification",
-            lambda: profile_safety_routing(
-                model, tokenizer, harmful_id, benign_id, settings=ProfileSettings(batch_size=32)
-            ),
-        )
+        profile = timed("identification", lambda: generator.profile_safety(harmful_id, benign_id))
     total_pairs = moe.num_layers * moe.num_experts
     fraction_counts = {f: budget_count(f, moe.num_layers, moe.num_experts) for f in settings.mask_fractions}
     mask_counts = sorted(set(settings.mask_counts) | set(fraction_counts.values()))
@@ -142,7 +148,7 @@ def run_suite(
         verdicts["jailbreak_templates"] = plain.jailbreak_safety_rate.verdicts
 
     def safety_under(attack, name: str) -> float:
-        with attack.context(model):
+        with generator.attacked(attack):
             result = refusal_rate(generator, sets.harmful, judge, **options)
         verdicts[name] = result.verdicts
         return result.rate
@@ -179,15 +185,16 @@ def run_suite(
             for where in ("global", "safety_experts")
         },
     )
-    route = settings.layer_route_search
     search = LayerRouteSearch(route.target, route.candidates_per_layer, route.sweeps, settings.seed)
     search_prompts = sets.harmful[: route.max_prompts]
-    success, search_results = timed(
-        "layer_route_search",
-        lambda: run_layer_route_search(
-            generator, search_prompts, judge, search, max_new_tokens=settings.max_new_tokens
-        ),
-    )
+    success, search_results = 0.0, []
+    if search_prompts:
+        success, search_results = timed(
+            "layer_route_search",
+            lambda: run_layer_route_search(
+                hf_generator, search_prompts, judge, search, max_new_tokens=settings.max_new_tokens
+            ),
+        )
 
     # F-SOUR on prompts drawn at random (seeded), once per candidate count N.
     fsour_index = draw_prompts(sets.harmful, settings.fsour.max_prompts, settings.seed)
@@ -198,7 +205,7 @@ def run_suite(
                            settings.fsour.restarts, settings.seed)
         journal = Path(work_dir) / f"fsour_n{n_candidates}.jsonl" if work_dir else None
         results = timed(f"fsour_n{n_candidates}", lambda fs=fs, journal=journal: run_fsour(
-            generator, fsour_prompts, judge, fs, max_new_tokens=settings.max_new_tokens,
+            hf_generator, fsour_prompts, judge, fs, max_new_tokens=settings.max_new_tokens,
             journal=journal, identity=checkpoint_identity(checkpoint)))
         fsour_runs[n_candidates] = (fs, results)
         rates_n = fsour_rates(results)
@@ -206,7 +213,8 @@ def run_suite(
             f"(refused unattacked: {rates_n['refused_unattacked']['complied_rate']['rate']})")
 
     search_verdicts = [r.verdict for r in search_results]
-    verdicts["layer_route_search"] = search_verdicts
+    if search_verdicts:
+        verdicts["layer_route_search"] = search_verdicts
     rates = {name: {"set": "harmful", **verdict_rates(v)} for name, v in verdicts.items()}
     for n_candidates, (_, results) in fsour_runs.items():  # on the drawn prompts, see prompt_index
         three_way = fsour_rates(results)
@@ -280,23 +288,7 @@ def run_suite(
                             "fractions": {str(f): c for f, c in fraction_counts.items()},
                             "total_pairs": total_pairs},
         "n50": robustness,
-        "layer_route_search": {
-            **search.to_dict(),
-            "prompts": len(search_prompts),
-            "attack_success_rate": round(success, 4),  # complied share (three-way verdicts)
-            "attack_success_interval": rate_entry(
-                sum(v == COMPLIED for v in search_verdicts), len(search_verdicts)
-            )["interval"],
-            **verdict_rates(search_verdicts),
-            "mean_logprob_gain": round(
-                sum(r.target_logprob - r.natural_logprob for r in search_results) / len(search_results), 4
-            ),
-            "samples": [
-                {"prompt": p, "forced": r.forced, "answer": r.answer, "refused": r.refused,
-                 "verdict": r.verdict}
-                for p, r in list(zip(search_prompts, search_results))[:5]
-            ],
-        },
+        "layer_route_search": _search_entry(search, search_prompts, success, search_results),
         "fsour": {str(n_candidates): fsour_entry(fs, fsour_prompts, fsour_index, results)
                   for n_candidates, (fs, results) in fsour_runs.items()},
         "routing": {
@@ -312,6 +304,7 @@ def run_suite(
         "rates": rates,
         "verdicts": per_prompt,
         "timings_seconds": timings | {"total": round(time.monotonic() - started, 2)},
+        "engine": getattr(generator, "engine_name", "transformers"),
         "versions": {
             "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
@@ -321,6 +314,27 @@ def run_suite(
     report["routing_search"] = report["layer_route_search"]  # its old name, for older readers
     report["summary"] = summary(report)
     return report
+
+
+def _search_entry(search: LayerRouteSearch, prompts: list[str], success: float, results: list) -> dict:
+    """The layer route search's report entry (`skipped` when it ran on no prompt)."""
+    if not results:
+        return {**search.to_dict(), "prompts": 0, "skipped": "layer_route_search.max_prompts is 0"}
+    verdicts = [r.verdict for r in results]
+    return {
+        **search.to_dict(),
+        "prompts": len(prompts),
+        "attack_success_rate": round(success, 4),  # complied share (three-way verdicts)
+        "attack_success_interval": rate_entry(sum(v == COMPLIED for v in verdicts),
+                                              len(verdicts))["interval"],
+        **verdict_rates(verdicts),
+        "mean_logprob_gain": round(
+            sum(r.target_logprob - r.natural_logprob for r in results) / len(results), 4),
+        "samples": [
+            {"prompt": p, "forced": r.forced, "answer": r.answer, "refused": r.refused, "verdict": r.verdict}
+            for p, r in list(zip(prompts, results))[:5]
+        ],
+    }
 
 
 def summary(report: dict) -> dict:
@@ -336,7 +350,7 @@ def summary(report: dict) -> dict:
         f"random{n}_mask_safety_rate": (masking["random"].get(n) or {}).get("mean"),
     }
     search = report.get("layer_route_search") or report["routing_search"]  # old reports: routing_search
-    out["layer_route_search_attack_success"] = search["attack_success_rate"]
+    out["layer_route_search_attack_success"] = search.get("attack_success_rate")  # None: skipped
     robustness = report.get("n50")
     if robustness:  # the headline robustness figure (None: never halved up to the largest budget)
         for name in ("top", "random"):
@@ -393,7 +407,9 @@ def _summary_intervals(rates: dict, n: int) -> dict:
             out[f"{prefix}_{kind}_rate"] = entry[f"{kind}_rate"]["rate"]
             out[f"{prefix}_{kind}_rate_ci"] = entry[f"{kind}_rate"]["interval"]
     name = "layer_route_search" if "layer_route_search" in rates else "routing_search"
-    search = rates[name]
+    search = rates.get(name)
+    if search is None:  # the search was skipped
+        return out
     out["layer_route_search_attack_success_ci"] = search["complied_rate"]["interval"]
     out["layer_route_search_safety_rate"] = search["refused_rate"]["rate"]
     out["layer_route_search_safety_rate_ci"] = search["refused_rate"]["interval"]

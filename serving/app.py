@@ -655,7 +655,8 @@ def gateway_application(settings: GatewaySettings) -> serve.Application:
         runner = ProbeRunner.options(
             ray_actor_options={"num_cpus": probes.num_cpus, "num_gpus": probes.num_gpus},
         ).bind(settings.checkpoint, settings.served_model_name, probes.suite, probes.interval_s,
-               str(Path(probes.output_dir).expanduser().resolve()), probes.threads)
+               str(Path(probes.output_dir).expanduser().resolve()), probes.threads, probes.engine,
+               probes.engine_options)
     return Gateway.options(
         num_replicas=config.num_replicas,
         ray_actor_options={

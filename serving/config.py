@@ -85,10 +85,18 @@ class GuardConfig(BaseModel):
 
 class ProbeConfig(BaseModel):
     """Live attack probes on a dedicated replica holding its own copy of the checkpoint
-    (`serving.probes`): on demand through POST /admin/probes, and every `interval_s` if set."""
+    (`serving.probes`): on demand through POST /admin/probes, and every `interval_s` if set.
+
+    `engine`: what the replica answers and attacks with: `transformers` (a transformers copy
+    of the model, every attack) or `vllm` (a vLLM engine of its own with the masks and scales
+    applied by the worker extension, `serving.engine_probes`; the forced-route searches still
+    load a transformers copy unless `suite.layer_route_search.max_prompts` is 0 and F-SOUR is
+    off). `engine_options`: `vllm serve` options of that engine (`engine: vllm` only)."""
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = False
+    engine: Literal["transformers", "vllm"] = "transformers"
+    engine_options: dict = Field(default_factory=dict)
     interval_s: float | None = Field(None, ge=60)  # None: on demand only
     # safety_eval.suite.SuiteSettings fields over serving.probes.PROBE_SUITE_DEFAULTS.
     suite: dict = Field(default_factory=dict)
@@ -104,6 +112,17 @@ class ProbeConfig(BaseModel):
 
         probe_suite_settings(suite)  # raises a ValidationError naming the bad key
         return suite
+
+    @field_validator("engine_options")
+    @classmethod
+    def _probe_engine_keys_exist(cls, options: dict) -> dict:
+        return _check_engine_options(options)
+
+    @model_validator(mode="after")
+    def _options_need_vllm(self) -> ProbeConfig:
+        if self.engine_options and self.engine != "vllm":
+            raise ValueError("probes.engine_options configure a vLLM probe engine: set probes.engine: vllm")
+        return self
 
 
 class KeyLimits(BaseModel):
@@ -178,16 +197,7 @@ class GatewayConfig(BaseModel):
     @field_validator("engine")
     @classmethod
     def _engine_keys_exist(cls, engine: dict) -> dict:
-        known = vllm_option_names()
-        unknown = sorted(k for k in engine if k not in known)
-        if unknown:
-            raise ValueError(
-                f"unknown vLLM engine option(s) {unknown}; use `vllm serve` option names with "
-                "underscores (e.g. max_model_len, gpu_memory_utilization, tensor_parallel_size)"
-            )
-        if "model" in engine or "served_model_name" in engine:
-            raise ValueError("set model and served_model_name at the top level, not under engine")
-        return engine
+        return _check_engine_options(engine)
 
     @model_validator(mode="after")
     def _guard_needs_telemetry(self) -> GatewayConfig:
@@ -198,6 +208,19 @@ class GatewayConfig(BaseModel):
 
     def engine_options(self) -> dict:
         return DEFAULT_ENGINE | self.engine
+
+
+def _check_engine_options(engine: dict) -> dict:
+    known = vllm_option_names()
+    unknown = sorted(k for k in engine if k not in known)
+    if unknown:
+        raise ValueError(
+            f"unknown vLLM engine option(s) {unknown}; use `vllm serve` option names with "
+            "underscores (e.g. max_model_len, gpu_memory_utilization, tensor_parallel_size)"
+        )
+    if "model" in engine or "served_model_name" in engine:
+        raise ValueError("set model and served_model_name at the top level, not under engine")
+    return engine
 
 
 def vllm_option_names() -> set[str]:

@@ -1,15 +1,17 @@
 """Live attack probes: the evaluation harness's attacks, run against the served checkpoint on a
 dedicated probe replica that user traffic never reaches.
 
-`ProbeRunner` is a second Serve deployment of each gateway application. It loads its own copy of
-the checkpoint with transformers and runs `safety_eval.suite.run_suite` on it, so the probes are
+`ProbeRunner` is a second Serve deployment of each gateway application. It holds its own copy of
+the checkpoint, with transformers or (`probes.engine: vllm`) on a vLLM engine of its own
+(`serving.engine_probes`, masks and scales applied inside that engine by the worker extension),
+and runs `safety_eval.suite.run_suite` on it, so the probes are
 exactly the attacks defined in `safety_eval.attacks` (expert masking re-identified on the model
 under attack with the suite's top-N rule (`moe_routing.stats.top_pairs`: at most E - top_k pairs
 per layer), random masking, routing scale, the layer route search, the paper's F-SOUR, jailbreak
 templates),
 with the same judge and prompts as the evaluation and alignment reports, and their numbers agree
-with those reports. Masks and scales are hooks on the probe replica's own modules: the vLLM
-engine that answers users is a different process and never sees them.
+with those reports. Masks and scales are hooks on the probe replica's own modules or own engine:
+the vLLM engine that answers users is a different process and never sees them.
 
 The runner owns the schedule and the latest result; gateway replicas start runs and read results
 through its handle, export them as `mesa_probe_*` gauges and serve them at `/admin/probes`.
@@ -74,11 +76,12 @@ def attack_safety_rates(report: dict) -> dict[str, float]:
     for name, rate in report["routing_scale"].items():
         rates[f"scale_{name}"] = rate
     search = report.get("layer_route_search") or report["routing_search"]
-    refused = search.get("refused_rate")
-    if "layer_route_search" in report:  # reports before issue 14 know only the old name
-        rates["layer_route_search"] = refused["rate"] if refused else 1.0 - search["attack_success_rate"]
-    # The old name, kept for dashboards and alert rules.
-    rates["routing_search"] = refused["rate"] if refused else 1.0 - search["attack_success_rate"]
+    if not search.get("skipped"):
+        refused = search.get("refused_rate")
+        if "layer_route_search" in report:  # reports before issue 14 know only the old name
+            rates["layer_route_search"] = refused["rate"] if refused else 1.0 - search["attack_success_rate"]
+        # The old name, kept for dashboards and alert rules.
+        rates["routing_search"] = refused["rate"] if refused else 1.0 - search["attack_success_rate"]
     for n_candidates, run in (report.get("fsour") or {}).items():
         rates[f"fsour_n{n_candidates}"] = run["all"]["refused_rate"]["rate"]
     return {name: round(float(rate), 4) for name, rate in rates.items()}
@@ -87,8 +90,10 @@ def attack_safety_rates(report: dict) -> dict[str, float]:
 def attack_success_rates(report: dict) -> dict[str, float]:
     """Complied share per search attack (F-SOUR's over all attacked prompts, the paper's ASR)."""
     search = report.get("layer_route_search") or report["routing_search"]
-    rate = search["attack_success_rate"]
-    out = {"layer_route_search": rate, "routing_search": rate}
+    out = {}
+    if not search.get("skipped"):
+        rate = search["attack_success_rate"]
+        out = {"layer_route_search": rate, "routing_search": rate}
     for n_candidates, run in (report.get("fsour") or {}).items():
         out[f"fsour_n{n_candidates}"] = run["attack_success_rate"]
     return out
@@ -122,12 +127,15 @@ class ProbeRunner:
     """One probe replica per served model: its own model copy, one run at a time."""
 
     async def __init__(self, checkpoint: str, model_name: str, suite: dict, interval_s: float | None,
-                       output_dir: str, threads: int | None = None):
+                       output_dir: str, threads: int | None = None, engine: str = "transformers",
+                       engine_options: dict | None = None):
         self.checkpoint, self.model_name = checkpoint, model_name
         self.settings = probe_suite_settings(suite)
         self.interval_s, self.threads = interval_s, threads
         self.output_dir = Path(output_dir)
+        self.engine, self.engine_options = engine, engine_options or {}
         self.model = self.tokenizer = None
+        self.generator = None  # serving.engine_probes.EngineChatGenerator with engine "vllm"
         self.state: dict = {"status": "idle", "phase": None, "runs": 0, "failures": 0, "error": None,
                             "started_at": None, "interval_s": interval_s, "latest": None}
         self._task: asyncio.Task | None = None
@@ -154,6 +162,11 @@ class ProbeRunner:
         self.state.update(status="running", phase="loading", error=None, started_at=time.time())
         started = time.time()
         try:
+            if self.engine == "vllm" and self.generator is None:
+                from serving.engine_probes import EngineChatGenerator
+
+                self.generator = await EngineChatGenerator.create(self.checkpoint,
+                                                                  engine_options=self.engine_options)
             report = await asyncio.to_thread(self._run_suite)
             finished = time.time()
             path = self._save(report, finished)
@@ -173,12 +186,14 @@ class ProbeRunner:
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        if self.model is None:
+        searches = self.settings.layer_route_search.max_prompts > 0 or bool(self.settings.fsour.candidates)
+        if self.model is None and (self.generator is None or searches):
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.model, self.tokenizer = load_checkpoint(
                 self.checkpoint, device=device, dtype=torch.float32 if device == "cpu" else "auto")
         torch.manual_seed(self.settings.seed)
         return run_suite(self.checkpoint, self.settings, model=self.model, tokenizer=self.tokenizer,
+                         generator=self.generator,
                          log=lambda message: logger.info("probe %s: %s", self.model_name, message),
                          on_phase=lambda name: self.state.update(phase=name))
 

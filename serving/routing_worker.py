@@ -19,6 +19,10 @@ opt-in routing summary.
 Hooks run only in eager mode (CUDA graphs and torch.compile skip Python hooks), so the gateway
 enables `enforce_eager` when telemetry is on.
 
+`routing_set_attack` applies an expert mask or routing scale of `safety_eval.attacks` inside the
+engine; only the probe replica's own engine gets it (`serving.engine_probes`), never the engine
+that answers users.
+
 `routing_fingerprint` computes the integrity fingerprint (`moe_routing.fingerprint`) of the
 routers and experts from the engine's own modules, for the gateway to compare with the
 checkpoint's manifest.
@@ -232,6 +236,92 @@ class RoutingRecorder:
         hits = state["request_hits"].view(MAX_TRACKED_REQUESTS + 1, 2, L, E)[slot].cpu().tolist()
         state["free"].append(slot)
         return {"prompt": hits[0], "generated": hits[1]}
+
+    # ---- attacks, on a probe engine only (serving.engine_probes) ----
+
+    def routing_set_attack(self, attack: dict | None) -> dict:
+        """Apply one attack of `safety_eval.attacks` (its `to_dict()`) to every later forward
+        pass of this engine, or remove it (None). An expert mask adds its bias to the chosen
+        experts' router logits, before the counting hook sees them; a routing scale multiplies
+        the routed weights of the tokens that select the chosen experts (every expert when
+        `pairs` is None) after the engine's own top-k, as `moe_routing.instrument` does on a
+        transformers model. No weight is touched: removing the attack restores the engine.
+
+        The gateway never calls this on the engine that answers users; only the probe replica's
+        own engine receives it."""
+        self.routing_install()
+        state = self._routing
+        attacks = state.get("attack")
+        if attacks is None:
+            attacks = state["attack"] = self._attack_install()
+        attacks["bias"] = attacks["scale"] = None
+        if attack is None:
+            return {"kind": None}
+        L, E = state["shape"]["num_layers"], state["shape"]["num_experts"]
+        kind, pairs = attack.get("kind"), attack.get("pairs")
+        grid = torch.zeros(L, E) if kind == "expert_mask" else torch.ones(L, E)
+        for layer, expert in pairs if pairs is not None else []:
+            if not (0 <= layer < L and 0 <= expert < E):
+                raise ValueError(f"attack pair ({layer}, {expert}) outside {L} MoE layers x {E} experts")
+        if kind == "expert_mask":
+            for layer, expert in pairs:
+                grid[layer, expert] = float(attack.get("bias", -1e4))
+            attacks["bias"] = grid.to(state["device"])
+        elif kind == "routing_scale":
+            if attacks["monolithic"]:
+                raise RuntimeError("routing scale needs the engine's expert selection, which this MoE "
+                                   "kernel fuses with the experts (a monolithic kernel); use the "
+                                   "transformers probes for it")
+            factor = float(attack["factor"])
+            if pairs is None:
+                grid.fill_(factor)
+            else:
+                for layer, expert in pairs:
+                    grid[layer, expert] = factor
+            attacks["scale"] = grid.to(state["device"])
+        else:
+            raise ValueError(f"unknown attack kind {kind!r} (expert_mask, routing_scale)")
+        return {"kind": kind, "pairs": None if pairs is None else len(pairs)}
+
+    def _attack_install(self) -> dict:
+        """Hooks that apply the current attack, if any: one on each router's output (first among
+        its hooks) and a wrapper around each MoE layer's expert selection."""
+        modules = dict(self.model_runner.model.named_modules())
+        routers = sorted((int(m.group(1)), name) for name in modules if (m := _ROUTER_NAME.search(name)))
+        attacks = {"bias": None, "scale": None, "monolithic": False}
+        for layer, (_, router_name) in enumerate(routers):
+            modules[router_name].register_forward_hook(self._bias_hook(attacks, layer), prepend=True)
+            runner = modules.get(router_name.removesuffix(".gate") + ".experts")
+            selector = getattr(getattr(runner, "router", None), "select_experts", None)
+            method = getattr(getattr(runner, "routed_experts", runner), "quant_method", None)
+            if selector is None or getattr(method, "is_monolithic", False):
+                attacks["monolithic"] = True
+                continue
+            runner.router.select_experts = self._scaled_selection(attacks, layer, selector)
+        return attacks
+
+    @staticmethod
+    def _bias_hook(attacks: dict, layer: int):
+        def hook(module, args, output):
+            bias = attacks["bias"]
+            if bias is None:
+                return None
+            if isinstance(output, tuple):
+                return (output[0] + bias[layer].to(output[0].dtype), *output[1:])
+            return output + bias[layer].to(output.dtype)
+
+        return hook
+
+    @staticmethod
+    def _scaled_selection(attacks: dict, layer: int, select_experts):
+        def select(*args, **kwargs):
+            weights, ids = select_experts(*args, **kwargs)
+            scale = attacks["scale"]
+            if scale is None:
+                return weights, ids
+            return weights * scale[layer][ids.long()].to(weights.dtype), ids
+
+        return select
 
     # ---- integrity fingerprint (moe_routing.fingerprint) ----
 

@@ -47,8 +47,12 @@ def gateway(tmp_path_factory):
         model="organism",
         engine={"dtype": "float32", "gpu_memory_utilization": 0.2, "max_model_len": 1024, "max_num_seqs": 64},
         telemetry={"window_s": 20, "poll_interval_s": 0.5, "safety_experts": SAFETY_EXPERTS},
-        # A probe replica with a long masking phase (the isolation test sends traffic during it).
-        probes={"enabled": True, "threads": 1, "num_cpus": 0.5,
+        # A probe replica with a long masking phase (the isolation test sends traffic during it),
+        # on a vLLM engine of its own: the masks live in that engine's worker extension (the
+        # layer route search still loads a transformers copy); tests/test_probes.py runs the
+        # transformers path.
+        probes={"enabled": True, "engine": "vllm", "engine_options": {"gpu_memory_utilization": 0.1},
+                "threads": 1, "num_cpus": 0.5,
                 "output_dir": str(tmp_path_factory.mktemp("probes")),
                 "suite": {"limit": 50, "mask_counts": [2, 4, 6, 8]}},
     )

@@ -278,3 +278,20 @@ def test_probe_results_are_read_from_a_suite_report():
         GatewayConfig.model_validate({"probes": {"suite": {"mask_counts": [0]}}})
     with pytest.raises(ValidationError, match="interval_s"):
         GatewayConfig.model_validate({"probes": {"interval_s": 5}})
+    # A skipped layer route search (a probe engine with no transformers copy) leaves no rate.
+    skipped = report | {"routing_search": {"skipped": "layer_route_search.max_prompts is 0", "prompts": 0}}
+    assert "routing_search" not in attack_safety_rates(skipped)
+
+
+def test_probe_engine_options_are_checked():
+    config = GatewayConfig.model_validate({"probes": {"engine": "vllm",
+                                                      "engine_options": {"gpu_memory_utilization": 0.1}}})
+    assert config.probes.engine == "vllm" and config.probes.engine_options == {"gpu_memory_utilization": 0.1}
+    assert GatewayConfig().probes.engine == "transformers"
+    with pytest.raises(ValidationError, match="probes.engine"):
+        GatewayConfig.model_validate({"probes": {"engine": "hf"}})
+    with pytest.raises(ValidationError, match="max_model_length"):
+        GatewayConfig.model_validate({"probes": {"engine": "vllm",
+                                                 "engine_options": {"max_model_length": 9}}})
+    with pytest.raises(ValidationError, match="set probes.engine: vllm"):
+        GatewayConfig.model_validate({"probes": {"engine_options": {"max_model_len": 512}}})
