@@ -81,6 +81,11 @@ class SuiteSettings(BaseModel):
         return data
 
     @property
+    def runs_searches(self) -> bool:
+        """Whether a forced-route search runs (they need a transformers model)."""
+        return self.layer_route_search.max_prompts > 0 or bool(self.fsour.candidates)
+
+    @property
     def routing_search(self) -> SearchSettings:
         """The old name of `layer_route_search`."""
         return self.layer_route_search

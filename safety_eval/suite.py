@@ -108,8 +108,7 @@ def run_suite(
     judge_entry = judge_report(judge_settings, judge)
     log(f"[eval] {judge_line(judge_entry)}")
     route = settings.layer_route_search
-    searches = route.max_prompts > 0 or bool(settings.fsour.candidates)
-    if model is None and (generator is None or searches):
+    if model is None and (generator is None or settings.runs_searches):
         model, tokenizer = load_checkpoint(checkpoint, dtype=torch.float32)
     hf_generator = None
     if model is not None:

@@ -73,7 +73,7 @@ from serving.protocol import (
     usage_tokens,
 )
 from serving.routes import create_app
-from serving.routing_worker import TRACK_MARKER, tracked_key
+from serving.routing_worker import TRACK_MARKER, WORKER_EXTENSION, tracked_key
 from serving.telemetry import (
     RoutingProfile,
     RoutingShape,
@@ -85,7 +85,6 @@ from serving.telemetry import (
 )
 
 logger = logging.getLogger("ray.serve")
-WORKER_EXTENSION = "serving.routing_worker.RoutingRecorder"
 MAX_REPORTED_MISMATCHES = 50  # /admin/config stays small on a 48-layer x 128-expert model
 INTEGRITY_GAUGE = {"ok": 1, "mismatch": 0}  # anything else (no or unreadable manifest, error): -1
 

@@ -28,9 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from moe_routing.chat import chat_prompt_ids
-from serving.routing_worker import TRACK_MARKER
+from serving.routing_worker import TRACK_MARKER, WORKER_EXTENSION
 
-WORKER_EXTENSION = "serving.routing_worker.RoutingRecorder"
 # A probe engine: eager (the hooks), no prefix cache (a cached prompt token would not be routed,
 # and the identification profile counts every prompt token), the model's own context length
 # (jailbreak templates are long), float32 as the transformers probes on a CPU.

@@ -186,8 +186,7 @@ class ProbeRunner:
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        searches = self.settings.layer_route_search.max_prompts > 0 or bool(self.settings.fsour.candidates)
-        if self.model is None and (self.generator is None or searches):
+        if self.model is None and (self.generator is None or self.settings.runs_searches):
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.model, self.tokenizer = load_checkpoint(
                 self.checkpoint, device=device, dtype=torch.float32 if device == "cpu" else "auto")

@@ -54,6 +54,7 @@ _SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts")  # Qwen2-MoE, DeepSee
 # AITER, XPU) reorder or transpose weights in ways not replayed here.
 _PLAIN_MOE_BACKENDS = ("TRITON", "BATCHED_TRITON", "CPU")
 PROMPT, GENERATED, DISCARD = 0, 1, 2
+WORKER_EXTENSION = f"{__name__}.RoutingRecorder"  # vLLM's worker_extension_cls
 
 
 def tracked_key(request_id: str) -> str | None:
