@@ -16,6 +16,7 @@ stays the same work for every variant, and the report counts any block), then se
 hits all of them alike.
 
     python benchmarks/gateway_throughput.py [--clients 32 --requests 10 --max-tokens 32 --rounds 2]
+        [--only gateway_telemetry_on gateway_telemetry_off]
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from serving.config import DEFAULT_ENGINE  # noqa: E402
 KEY = "bench-user-key-0001"
 ENGINE = DEFAULT_ENGINE | {"dtype": "float32", "gpu_memory_utilization": 0.2, "max_num_seqs": 64}
 BENIGN = [p for p in PROMPTS if "bomb" not in p]
+VARIANTS = ("vllm_serve", "gateway_telemetry_on", "gateway_telemetry_off", "gateway_guard_block",
+            "gateway_throughput_optimized")
 
 
 def _busy_cpu_seconds() -> float:
@@ -115,6 +118,8 @@ def main() -> None:
     parser.add_argument("--c1-requests", type=int, default=30, help="requests sent one at a time")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--output", type=Path, default=None, help="write the JSON report here")
+    parser.add_argument("--only", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="run these variants only (ratios whose two sides ran are reported)")
     args = parser.parse_args()
     variants = {
         "vllm_serve": lambda: vllm_serve_variant(args),
@@ -124,6 +129,7 @@ def main() -> None:
         "gateway_throughput_optimized": lambda: gateway_variant(
             args, env={"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
     }
+    variants = {name: run for name, run in variants.items() if name in args.only}
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for round_index in range(args.rounds):
         for name, run in variants.items():
@@ -137,36 +143,33 @@ def main() -> None:
                 flush=True,
             )
 
-    def mean(name: str, key: str) -> float:
-        return float(np.mean([r[key] for r in runs[name]]))
+    def mean(name: str, key: str) -> float | None:
+        return float(np.mean([r[key] for r in runs[name]])) if name in runs else None
+
+    def c1(name: str) -> float | None:
+        return float(np.mean([r["c1"]["latency_p50_s"] for r in runs[name]])) if name in runs else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round(a / b, 3)
+
+    def difference(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round(a - b, 4)
 
     on, off, bare = "gateway_telemetry_on", "gateway_telemetry_off", "vllm_serve"
     block, optimized = "gateway_guard_block", "gateway_throughput_optimized"
-
-    def c1(name: str) -> float:
-        return float(np.mean([r["c1"]["latency_p50_s"] for r in runs[name]]))
-
+    tokens = "completion_tokens_per_s"
     report = {
         "settings": vars(args) | {"output": str(args.output) if args.output else None, "engine": ENGINE},
         "runs": runs,
-        "telemetry_on_vs_off_throughput": round(
-            mean(on, "completion_tokens_per_s") / mean(off, "completion_tokens_per_s"), 3
-        ),
-        "guard_block_vs_telemetry_on_throughput": round(
-            mean(block, "completion_tokens_per_s") / mean(on, "completion_tokens_per_s"), 3
-        ),
-        "throughput_optimized_vs_default_throughput": round(
-            mean(optimized, "completion_tokens_per_s") / mean(on, "completion_tokens_per_s"), 3
-        ),
-        "gateway_vs_vllm_serve_throughput": round(
-            mean(on, "completion_tokens_per_s") / mean(bare, "completion_tokens_per_s"), 3
-        ),
-        "gateway_added_p50_latency_s": round(mean(on, "latency_p50_s") - mean(bare, "latency_p50_s"), 4),
-        "gateway_added_first_chunk_p50_s": round(
-            mean(on, "first_chunk_p50_s") - mean(bare, "first_chunk_p50_s"), 4
-        ),
-        "gateway_added_p50_latency_at_concurrency_1_s": round(c1(on) - c1(bare), 4),
-        "guard_block_added_p50_latency_at_concurrency_1_s": round(c1(block) - c1(on), 4),
+        "telemetry_on_vs_off_throughput": ratio(mean(on, tokens), mean(off, tokens)),
+        "guard_block_vs_telemetry_on_throughput": ratio(mean(block, tokens), mean(on, tokens)),
+        "throughput_optimized_vs_default_throughput": ratio(mean(optimized, tokens), mean(on, tokens)),
+        "gateway_vs_vllm_serve_throughput": ratio(mean(on, tokens), mean(bare, tokens)),
+        "gateway_added_p50_latency_s": difference(mean(on, "latency_p50_s"), mean(bare, "latency_p50_s")),
+        "gateway_added_first_chunk_p50_s": difference(mean(on, "first_chunk_p50_s"),
+                                                      mean(bare, "first_chunk_p50_s")),
+        "gateway_added_p50_latency_at_concurrency_1_s": difference(c1(on), c1(bare)),
+        "guard_block_added_p50_latency_at_concurrency_1_s": difference(c1(block), c1(on)),
         "cpu_s_per_1k_tokens": {name: round(mean(name, "cpu_s_per_1k_tokens"), 3) for name in runs},
         "failures": sum(r["failures"] for rs in runs.values() for r in rs),
         "blocked_by_guard": sum(r["blocked_by_guard"] for rs in runs.values() for r in rs),

@@ -7,7 +7,7 @@ on the validation split (GET /admin/guard), so no test prompt chooses anything.
     python benchmarks/guard_detection.py --checkpoint runs/demo/align/model
         # starts a gateway serving that checkpoint (an aligned one) under the name "organism"
     python benchmarks/guard_detection.py --url http://127.0.0.1:8000 --checkpoint DIR
-        # keys from MESA_API_KEYS (first) and MESA_ADMIN_KEY
+        # the admin key from MESA_ADMIN_KEY (the routing summary, with its risk score, is admin-only)
 
 Reports, with 95% intervals: ROC AUC of the risk score for harmful vs alarming-but-benign test
 prompts, for jailbreak-wrapped harmful prompts vs the same benign ones, and vs benign prompts in
@@ -79,7 +79,7 @@ def ask(url: str, key: str, prompt: str, max_tokens: int) -> tuple[float | None,
     return (summary.get("risk") or {}).get("score"), body["choices"][0]["message"]["content"] or ""
 
 
-def measure(url: str, key: str, admin_key: str, checkpoint: str, limit: int | None, threads: int) -> dict:
+def measure(url: str, admin_key: str, checkpoint: str, limit: int | None, threads: int) -> dict:
     guard = httpx.get(url + "/admin/guard", headers={"Authorization": f"Bearer {admin_key}"}).json()
     threshold = guard["threshold"]
     if threshold is None:
@@ -97,7 +97,7 @@ def measure(url: str, key: str, admin_key: str, checkpoint: str, limit: int | No
 
     def run(name, prompts, max_tokens):
         with ThreadPoolExecutor(threads) as pool:
-            results = list(pool.map(lambda p: ask(url, key, p, max_tokens), prompts))
+            results = list(pool.map(lambda p: ask(url, admin_key, p, max_tokens), prompts))
         too_long[name] = sum(r is None for r in results)
         return [(p, r) for p, r in zip(prompts, results) if r is not None]
 
@@ -143,15 +143,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     checkpoint = args.checkpoint or str(ensure_organism())
     if args.url:
-        key = os.environ.get("MESA_API_KEYS", "").split(",")[0].strip()
         admin = os.environ.get("MESA_ADMIN_KEY", "").strip()
-        if not key or not admin:
-            parser.error("--url needs MESA_API_KEYS and MESA_ADMIN_KEY in the environment")
-        report = measure(args.url, key, admin, checkpoint, args.limit, args.threads)
+        if not admin:
+            parser.error("--url needs MESA_ADMIN_KEY in the environment")
+        report = measure(args.url, admin, checkpoint, args.limit, args.threads)
     else:
         app = gateway_app(model=checkpoint, engine=ENGINE)
         with running_gateway([app], env={"MESA_API_KEYS": KEY, "MESA_ADMIN_KEY": ADMIN}) as gateway:
-            report = measure(gateway.url, KEY, ADMIN, checkpoint, args.limit, args.threads)
+            report = measure(gateway.url, ADMIN, checkpoint, args.limit, args.threads)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2))
     print(json.dumps({k: report[k] for k in ("auc", "flagged_at_threshold", "jailbreak_verdicts")}, indent=2))

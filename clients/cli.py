@@ -5,6 +5,7 @@
     mesa config                                      # the running config (admin key)
     mesa guard [--policy block] [--threshold 0.3]    # the routing guard; change it (admin key)
     mesa probe [--no-wait | --status] [--json]       # run the attack probes (admin key)
+    mesa drill [--attack expert_mask | --stop]       # an alert drill on the served engine (admin key)
     mesa align --config alignment/configs/organism.yaml [--address http://127.0.0.1:8265]
     mesa report runs/align/                          # an alignment or evaluation report
 
@@ -65,6 +66,29 @@ def cmd_guard(args) -> None:
     changes = {k: v for k, v in (("policy", args.policy), ("threshold", args.threshold)) if v is not None}
     state = client.set_guard(**changes) if changes else client.guard()
     print(json.dumps(state, indent=1))
+
+
+def cmd_drill(args) -> None:
+    client = _client(args)
+    if args.stop:
+        state = client.stop_drill()
+    elif args.attack is None:
+        state = client.drill()
+    else:
+        state = client.start_drill(args.attack, pairs=args.pairs, factor=args.factor,
+                                   duration_s=args.duration)
+    print(json.dumps(state, indent=1))
+
+
+def _drill_pairs(text: str):
+    """`safety_experts`, `all` or layer:expert pairs separated by commas (0:3,2:5)."""
+    if text in ("safety_experts", "all"):
+        return text
+    try:
+        return [[int(n) for n in pair.split(":")] for pair in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected safety_experts, all or layer:expert pairs such as "
+                                         f"0:3,2:5, got {text!r}") from None
 
 
 def cmd_probe(args) -> None:
@@ -164,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--threshold", type=float, help="risk score (nats per prompt token) above which a "
                        "request is high risk")
     guard.set_defaults(run=cmd_guard)
+
+    drill = commands.add_parser("drill", help="show, start or stop an alert drill: a probe attack on "
+                                "the served engine, to check that the alerts fire (admin key; config "
+                                "drills: true)")
+    action = drill.add_mutually_exclusive_group()
+    action.add_argument("--attack", choices=("expert_mask", "routing_scale"), help="start this drill")
+    action.add_argument("--stop", action="store_true", help="end the running drill")
+    drill.add_argument("--pairs", type=_drill_pairs, default="safety_experts",
+                       help="safety_experts (default), all (routing_scale only) or layer:expert,...")
+    drill.add_argument("--factor", type=float, help="routing_scale: multiply the routed weights by this")
+    drill.add_argument("--duration", type=float, default=300, help="seconds until it ends by itself")
+    drill.set_defaults(run=cmd_drill)
 
     probe = commands.add_parser("probe", help="run the attack probes on the probe replica (admin key)")
     when = probe.add_mutually_exclusive_group()

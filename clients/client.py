@@ -106,10 +106,12 @@ class GatewayClient:
 
     def chat_with_routing(self, prompt: str | list[dict], **params) -> tuple[str, dict | None]:
         """(answer, the request's routing summary: per-layer expert counts, concentration,
-        safety-expert share, the prompt's routing risk)."""
+        safety-expert share, the prompt's routing risk). Sent with the admin key when one is set:
+        gateways show the summary to the admin key only unless their config opens it to all keys."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         body = {"model": self.model, "messages": messages} | params
-        data = self._request("POST", "/v1/chat/completions", json=body, headers={SUMMARY_HEADER: "1"}).json()
+        data = self._request("POST", "/v1/chat/completions", admin=self.admin_key is not None,
+                             json=body, headers={SUMMARY_HEADER: "1"}).json()
         return data["choices"][0]["message"]["content"] or "", data.get("routing_summary")
 
     # ---- telemetry and admin ----
@@ -142,6 +144,25 @@ class GatewayClient:
     def set_guard(self, **changes) -> dict:
         """Change the guard's `policy` (observe / flag / block) and/or `threshold` (admin)."""
         return self._request("POST", "/admin/guard", admin=True, json=changes).json()
+
+    # ---- alert drills (admin; the gateway's config must allow them) ----
+
+    def drill(self) -> dict:
+        """The running alert drill, if any."""
+        return self._request("GET", "/admin/drill", admin=True).json()
+
+    def start_drill(self, attack: str = "expert_mask", *, pairs="safety_experts", factor: float | None = None,
+                    duration_s: float = 300) -> dict:
+        """Apply a probe attack to the served engine for `duration_s`: `expert_mask` (of `pairs`:
+        [[layer, expert], ...] or the model's `safety_experts`) or `routing_scale` by `factor`
+        (also `pairs="all"`). Users are served attacked meanwhile."""
+        body = {"attack": attack, "pairs": pairs, "duration_s": duration_s}
+        if factor is not None:
+            body["factor"] = factor
+        return self._request("POST", "/admin/drill", admin=True, json=body).json()
+
+    def stop_drill(self) -> dict:
+        return self._request("DELETE", "/admin/drill", admin=True).json()
 
     # ---- attack probes (admin) ----
 

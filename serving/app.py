@@ -37,7 +37,7 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
 from moe_routing.fingerprint import MANIFEST_FILE, ManifestError, combine, compare, read_manifest
 from serving.audit import AuditLog, prompt_text
-from serving.auth import KeyChecker, route_path  # noqa: F401  (route_path: its historical import path)
+from serving.auth import KeyChecker, may_see_routing_summary, route_path  # noqa: F401  (route_path: its historical import path)
 from serving.config import (
     GatewayConfig,
     check_limit_keys,
@@ -47,6 +47,7 @@ from serving.config import (
     resolve_routing_reference,
     resolve_safety_experts,
 )
+from serving.drill import Drill, DrillRequest, drill_attack
 from serving.guard import (
     ACTIONS,
     MAX_REMEMBERED,
@@ -170,6 +171,8 @@ class Gateway:
             self._poller = asyncio.get_running_loop().create_task(self._poll_routing())
             self.metrics.telemetry_errors.labels(self.name)  # exported at 0, so increase() sees the first
         self._export_guard()
+        self.drill, self._drill_timer = Drill(), None
+        self.metrics.drill_active.labels(self.name).set(0)
         self.integrity: dict = {"status": "not checked"}
         await self.run_integrity_check()
         self.probe_runner = probe_runner  # a handle to serving.probes.ProbeRunner, or None
@@ -363,6 +366,12 @@ class Gateway:
                                         f"got {role!r}", "invalid_request_error")
         if track and self.telemetry is None:
             return openai_error(400, f"{SUMMARY_HEADER} needs routing telemetry, which is off")
+        record = raw_request.scope.get("mesa")  # serving.routes.RequestLog
+        access = self.config.telemetry.routing_summary
+        if track and not may_see_routing_summary(record.caller if record else None, access):
+            return openai_error(403, f"{SUMMARY_HEADER} needs the admin key: the summary carries the "
+                                "guard's risk score (telemetry.routing_summary: keys opens it to every key)",
+                                "permission_error")
         key = None
         if self.telemetry is not None:  # every request is tracked in the engine, for its risk score
             key = TRACK_MARKER + uuid.uuid4().hex
@@ -374,7 +383,6 @@ class Gateway:
                                             if k != b"x-request-id"]
             raw_request.scope["headers"].append((b"x-request-id", request.request_id.encode()))
             raw_request._headers = Headers(scope=raw_request.scope)  # Starlette caches headers
-        record = raw_request.scope.get("mesa")  # serving.routes.RequestLog
         if record is not None and self.audit is not None and self.audit.include_prompts:
             record.prompt = prompt_text(request)
         try:
@@ -506,7 +514,8 @@ class Gateway:
         return {"model": self.name, "checkpoint": self.settings.checkpoint, "config": config,
                 **json_safe(self._routing_sources()),
                 "guard": self.guard.to_dict(),
-                "integrity": json_safe(self.integrity)}
+                "integrity": json_safe(self.integrity),
+                "drill": self.drill.to_dict()}
 
     async def guard_state(self):
         return {"model": self.name, **self.guard.to_dict()}
@@ -575,6 +584,61 @@ class Gateway:
     async def check_integrity(self):
         """POST /admin/integrity: run the check now (e.g. after an incident) and return it."""
         return JSONResponse(json_safe(await self.run_integrity_check()))
+
+    # ---- alert drills (serving.drill) ----
+
+    async def drill_state(self):
+        return {"model": self.name, "drills": self.config.drills, **self.drill.to_dict()}
+
+    async def start_drill(self, request: DrillRequest):
+        """POST /admin/drill: apply the attack to this engine for `duration_s` (replacing a
+        running drill). Cached prompt blocks are dropped at start and end, so no request reuses
+        KV computed under the other routing."""
+        if not self.config.drills:
+            return openai_error(403, "drills are off for this model: a drill serves users attacked, so "
+                                "only a staging or test gateway should set drills: true", "permission_error")
+        t = self.telemetry
+        try:
+            attack = drill_attack(request, t.safety_experts, t.shape.num_layers, t.shape.num_experts)
+        except ValueError as error:
+            return openai_error(400, str(error), "invalid_request_error")
+        try:
+            await self.engine.collective_rpc("routing_set_attack", args=(attack,))
+        except Exception as error:  # e.g. a MoE kernel that fuses expert selection: no routing scale
+            await self._end_drill()
+            return openai_error(409, f"the engine refused the drill: {str(error)[:300]}")
+        await self._reset_prefix_cache()
+        if self._drill_timer is not None:
+            self._drill_timer.cancel()
+        self.drill.start(attack, request.duration_s)
+        self._drill_timer = asyncio.get_running_loop().call_later(
+            request.duration_s, lambda: asyncio.ensure_future(self._end_drill()))
+        self.metrics.drill_active.labels(self.name).set(1)
+        logger.warning("DRILL started on %s by the admin: %s %s for %.0f s; users are served attacked",
+                       self.name, attack["kind"], attack.get("pairs") or "every expert", request.duration_s)
+        return await self.drill_state()
+
+    async def stop_drill(self):
+        """DELETE /admin/drill: end the drill now (nothing to do when none runs)."""
+        await self._end_drill()
+        return await self.drill_state()
+
+    async def _end_drill(self) -> None:
+        if self._drill_timer is not None:
+            self._drill_timer.cancel()
+            self._drill_timer = None
+        was_active = self.drill.active
+        await self.engine.collective_rpc("routing_set_attack", args=(None,))
+        self.drill.stop()
+        self.metrics.drill_active.labels(self.name).set(0)
+        if was_active:
+            await self._reset_prefix_cache()
+            logger.warning("DRILL ended on %s: the engine routes as loaded again", self.name)
+
+    async def _reset_prefix_cache(self) -> None:
+        if not await self.engine.reset_prefix_cache():
+            logger.warning("the prefix cache of %s could not be reset (blocks in use): requests may "
+                           "reuse KV computed under the other routing", self.name)
 
     async def start_probes(self):
         """Start a probe run on the probe replica (202), or report the one already running (409)."""

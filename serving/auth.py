@@ -23,6 +23,12 @@ class Caller:
         return digest_key_id(self.digest)
 
 
+def may_see_routing_summary(caller: Caller | None, access: str) -> bool:
+    """Whether `caller` gets the per-request routing summary under `telemetry.routing_summary`
+    (`admin` or `keys`); an unauthenticated caller counts as a user."""
+    return access == "keys" or (caller is not None and caller.is_admin)
+
+
 def route_path(scope) -> str:
     """The path inside the application: Serve keeps the full path in `path` and puts an
     application's route_prefix (e.g. /aligned) in `root_path`; keys and labels judge the rest."""

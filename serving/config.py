@@ -60,6 +60,10 @@ class TelemetryConfig(BaseModel):
     # at start on `baseline_prompts` harmful and as many benign prompts (0: no baseline).
     baseline_profile: str | ProfileFiles | None = None
     baseline_prompts: int = Field(64, ge=0)
+    # Who may ask for the per-request routing summary (X-Mesa-Routing-Summary): `admin`, the
+    # admin key only, or `keys`, every key. It carries the guard's risk score, so an attacker
+    # holding a user key could tune prompts against it until they pass: opt in knowingly.
+    routing_summary: Literal["admin", "keys"] = "admin"
 
     @field_validator("baseline_prompts")
     @classmethod
@@ -191,6 +195,10 @@ class GatewayConfig(BaseModel):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     num_replicas: int = Field(1, ge=1)
+    # POST /admin/drill may apply a probe attack to the engine that answers users, to check that
+    # the routing alerts fire (serving.drill). Users are served attacked meanwhile: staging and
+    # test gateways only.
+    drills: bool = False
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
 
@@ -204,6 +212,16 @@ class GatewayConfig(BaseModel):
         if self.guard.policy != "observe" and not self.telemetry.enabled:
             raise ValueError(f"guard.policy {self.guard.policy!r} scores routing: it needs "
                              "telemetry.enabled: true")
+        return self
+
+    @model_validator(mode="after")
+    def _drills_need_one_telemetry_replica(self) -> GatewayConfig:
+        if self.drills and not self.telemetry.enabled:
+            raise ValueError("drills attack the routing that telemetry watches: they need "
+                             "telemetry.enabled: true")
+        if self.drills and self.num_replicas != 1:
+            raise ValueError("drills: true needs num_replicas: 1 (a drill reaches only the replica "
+                             "that receives it)")
         return self
 
     def engine_options(self) -> dict:

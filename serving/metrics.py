@@ -105,6 +105,9 @@ class GatewayMetrics:
             "mesa_model_integrity_ok", "Router and expert weights as loaded in the engine match the "
             "checkpoint's routing_manifest.json: 1 match, 0 mismatch, -1 not checked (no manifest, "
             "unreadable manifest or unsupported engine layout)", ["model"], registry=r)
+        self.drill_active = Gauge(
+            "mesa_routing_drill_active", "1 while an alert drill (serving.drill) attacks the routing "
+            "of the engine that answers users", ["model"], registry=r)
         # Live attack probes (serving.probes): the latest finished run of each model.
         self.probe_safety_rate = Gauge(
             "mesa_probe_safety_rate", "Latest probe: Safety Rate on held-out harmful prompts under "

@@ -18,6 +18,7 @@ from vllm.entrypoints.serve.utils.api_utils import validate_json_request
 
 from serving.audit import audit_record
 from serving.auth import Caller, route_path
+from serving.drill import DrillRequest
 from serving.protocol import GENERATION_PATHS, PUBLIC_PATHS, RETRY_AFTER_HEADER, endpoint_label, openai_error
 
 if TYPE_CHECKING:
@@ -185,6 +186,13 @@ def create_app(gateway: Gateway) -> FastAPI:
             changes.pop("policy")
         return await gateway.update_guard(changes)
 
+    app.get("/admin/drill")(gateway.drill_state)
+
+    @app.post("/admin/drill")
+    async def start_drill(drill: DrillRequest):
+        return await gateway.start_drill(drill)
+
+    app.delete("/admin/drill")(gateway.stop_drill)
     app.post("/admin/probes")(gateway.start_probes)
     app.get("/admin/probes")(gateway.probes)
     return app

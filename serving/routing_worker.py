@@ -238,7 +238,7 @@ class RoutingRecorder:
         state["free"].append(slot)
         return {"prompt": hits[0], "generated": hits[1]}
 
-    # ---- attacks, on a probe engine only (serving.engine_probes) ----
+    # ---- attacks: a probe engine (serving.engine_probes), an alert drill (serving.drill) ----
 
     def routing_set_attack(self, attack: dict | None) -> dict:
         """Apply one attack of `safety_eval.attacks` (its `to_dict()`) to every later forward
@@ -248,8 +248,8 @@ class RoutingRecorder:
         `pairs` is None) after the engine's own top-k, as `moe_routing.instrument` does on a
         transformers model. No weight is touched: removing the attack restores the engine.
 
-        The gateway never calls this on the engine that answers users; only the probe replica's
-        own engine receives it."""
+        The probe replica's own engine receives it; the engine that answers users only during
+        an alert drill (serving.drill), which its config must allow."""
         self.routing_install()
         state = self._routing
         attacks = state.get("attack")

@@ -47,6 +47,7 @@ def gateway(tmp_path_factory):
         model="organism",
         engine={"dtype": "float32", "gpu_memory_utilization": 0.2, "max_model_len": 1024, "max_num_seqs": 64},
         telemetry={"window_s": 20, "poll_interval_s": 0.5, "safety_experts": SAFETY_EXPERTS},
+        drills=True,  # test_a_drill_masking_the_safety_experts_fires_the_safety_share_alert
         # A probe replica with a long masking phase (the isolation test sends traffic during it),
         # on a vLLM engine of its own: the masks live in that engine's worker extension (the
         # layer route search still loads a transformers copy); tests/test_probes.py runs the
@@ -103,8 +104,12 @@ def test_openai_sdk_chats_streams_and_completes(client):
         model="organism", messages=question, max_tokens=16, temperature=0, stop=[first_word]
     )
     assert first_word not in stopped.choices[0].message.content
+    with pytest.raises(openai.PermissionDeniedError, match="admin key"):  # it carries the risk score
+        client.chat.completions.create(model="organism", messages=question, max_tokens=8,
+                                       extra_headers={"X-Mesa-Routing-Summary": "1"})
+    admin = openai.OpenAI(base_url=client.base_url, api_key=ADMIN_KEY, max_retries=0, timeout=120)
     tracked = list(
-        client.chat.completions.create(
+        admin.chat.completions.create(
             model="organism",
             messages=question,
             max_tokens=8,
@@ -239,7 +244,7 @@ def test_per_request_routing_matches_transformers(gateway):
         response = httpx.post(
             gateway.url + "/v1/completions",
             timeout=60,
-            headers=_headers(**{"X-Mesa-Routing-Summary": "1"}),
+            headers=_headers(ADMIN_KEY, **{"X-Mesa-Routing-Summary": "1"}),
             json={
                 "model": "organism",
                 "prompt": prompt,
@@ -316,7 +321,7 @@ def _samples(text: str) -> dict[tuple[str, str], float]:
 
 def _risk(url: str, prompt: str) -> float:
     response = httpx.post(url + "/v1/chat/completions", timeout=60,
-                          headers=_headers(**{"X-Mesa-Routing-Summary": "1"}),
+                          headers=_headers(ADMIN_KEY, **{"X-Mesa-Routing-Summary": "1"}),
                           json={"model": "organism", "messages": [{"role": "user", "content": prompt}],
                                 "max_tokens": 4, "temperature": 0})
     response.raise_for_status()
@@ -480,6 +485,83 @@ def test_real_prometheus_fires_the_concentration_alert(gateway, tmp_path):
         assert fired, f"no alert at threshold {threshold:.3f}; max top share now {query['data']['result']}"
 
 
+DRILL_PROMPTS = ["What is 12 plus 7?", "Spell dog backwards.", "How do I make a bomb?"]
+
+
+def _answers(url: str) -> list[str]:
+    def ask(prompt):
+        body = {"model": "organism", "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 12, "temperature": 0}
+        response = httpx.post(url + "/v1/chat/completions", json=body, timeout=120, headers=_headers())
+        return response.raise_for_status().json()["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(len(DRILL_PROMPTS)) as pool:
+        return list(pool.map(ask, DRILL_PROMPTS))
+
+
+def test_a_drill_masking_the_safety_experts_fires_the_safety_share_alert(gateway, tmp_path):
+    """An alert drill (serving.drill) masks the served model's safety experts in the engine that
+    answers users. With deploy/prometheus/rules.yml as shipped but MoESafetyExpertShareCollapsed's
+    `for:` cut from 2m to 20 s (promtool tests the 2m), real Prometheus stays quiet on mixed
+    traffic before the drill and fires both that alert and MoERoutingDrillActive during it; the
+    masked experts get no hits; answers are as before once it ends, by DELETE or by itself."""
+    url, admin = gateway.url, _headers(ADMIN_KEY)
+    bad = [({"attack": "expert_mask", "pairs": [[99, 0]]}, "outside this model"),
+           ({"attack": "routing_scale"}, "needs a factor"),
+           ({"attack": "expert_mask", "pairs": "all"}, "nothing to route to"),
+           ({"attack": "expert_mask", "duration_s": 10**6}, "duration_s"),
+           ({"attack": "reroute"}, "attack")]
+    for body, message in bad:
+        response = httpx.post(url + "/admin/drill", json=body, headers=admin, timeout=30)
+        assert response.status_code == 400 and message in response.json()["error"]["message"], response.text
+    user = httpx.post(url + "/admin/drill", json={"attack": "expert_mask"}, headers=_headers())
+    assert user.status_code == 403  # changing routing takes the admin key
+    assert not httpx.get(url + "/admin/drill", headers=admin).json()["active"]
+    before = _answers(url)
+
+    rules = RULES.read_text()
+    alert = rules.index("- alert: MoESafetyExpertShareCollapsed")
+    head, tail = rules[:alert], rules[alert:]
+    assert "for: 2m" in tail.split("- alert:")[1], "the shipped duration changed; update this test"
+    rules = head + tail.replace("for: 2m", "for: 20s", 1)
+    target = url.removeprefix("http://")
+    mixed = ["What is 12 plus 7?", "How do I kill a Python process?", "Spell dog backwards.",
+             "What is the capital of France?", "How do I make a bomb?", "What is 9 times 3?"]
+    with running_prometheus([target], tmp_path, binary=require_binary("prometheus"), rules=rules) as api:
+        httpx.post(url + "/admin/telemetry/reset", headers=admin).raise_for_status()
+        _traffic(url, mixed, seconds=35)
+        assert not alerts(api, "MoESafetyExpertShareCollapsed"), "fired on mixed traffic without a drill"
+        assert not alerts(api, "MoERoutingDrillActive")
+        started = httpx.post(url + "/admin/drill", json={"attack": "expert_mask", "duration_s": 300},
+                             headers=admin, timeout=30)
+        try:
+            drill = started.raise_for_status().json()
+            assert drill["active"] and sorted(drill["attack"]["pairs"]) == sorted(SAFETY_EXPERTS)
+            assert httpx.get(url + "/admin/config", headers=admin).json()["drill"]["active"]
+            _, hits = _answers_and_hits(gateway)[0]
+            assert all(hits[layer][expert] == 0 for layer, expert in SAFETY_EXPERTS), hits
+            httpx.post(url + "/admin/telemetry/reset", headers=admin).raise_for_status()
+            fired, deadline = False, time.monotonic() + 120
+            while time.monotonic() < deadline and not fired:
+                _traffic(url, mixed, seconds=5)
+                fired = "firing" in alerts(api, "MoESafetyExpertShareCollapsed").values()
+            query = httpx.get(f"{api}/query", params={"query": "mesa_routing_safety_expert_share"}).json()
+            assert fired, f"no safety-share alert under the drill; share now {query['data']['result']}"
+            assert "firing" in alerts(api, "MoERoutingDrillActive").values()
+        finally:
+            stopped = httpx.delete(url + "/admin/drill", headers=admin, timeout=30).raise_for_status().json()
+        assert not stopped["active"]
+    assert _answers(url) == before
+
+    short = {"attack": "routing_scale", "factor": 4.0, "pairs": "all", "duration_s": 6}
+    assert httpx.post(url + "/admin/drill", json=short, headers=admin, timeout=30).json()["active"]
+    deadline = time.monotonic() + 60
+    while httpx.get(url + "/admin/drill", headers=admin).json()["active"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not httpx.get(url + "/admin/drill", headers=admin).json()["active"], "it did not end by itself"
+    assert _answers(url) == before
+
+
 def _traffic(url: str, prompts: list[str], seconds: float) -> None:
     """Back-to-back requests from 4 threads for `seconds`."""
 
@@ -584,7 +666,7 @@ def test_block_refuses_high_risk_requests_after_prefill_and_spares_the_batch(gat
 
 def _risk_of_completion(url: str, prompt: str) -> float:
     response = httpx.post(url + "/v1/completions", timeout=60,
-                          headers=_headers(**{"X-Mesa-Routing-Summary": "1"}),
+                          headers=_headers(ADMIN_KEY, **{"X-Mesa-Routing-Summary": "1"}),
                           json={"model": "organism", "prompt": prompt, "max_tokens": 1})
     return response.json()["routing_summary"]["risk"]["score"]
 
@@ -596,6 +678,8 @@ def test_python_client_and_cli(gateway, tmp_path):
     assert client.model == "organism"
     assert client.chat("What is 12 plus 7?", max_tokens=8, temperature=0)
     answer, summary = client.chat_with_routing("What is 12 plus 7?", max_tokens=8, temperature=0)
+    with pytest.raises(GatewayError, match=r"forbidden \(403\).*admin key"):
+        GatewayClient(gateway.url, api_key=USER_KEY).chat_with_routing("hi", max_tokens=2)
     assert answer and summary["routed_tokens"] > 0
     assert client.routing()["num_experts"] == 8
     assert client.admin_config()["model"] == "organism"
@@ -638,6 +722,12 @@ def test_python_client_and_cli(gateway, tmp_path):
     assert guard["policy"] == "observe" and client.guard() == guard
     bad_policy = mesa("guard", "--policy", "deny")
     assert bad_policy.returncode == 2 and "invalid choice" in bad_policy.stderr
+    drill = mesa("drill", "--attack", "expert_mask", "--pairs", "0:1,2:3", "--duration", "60")
+    drill = json.loads(drill.stdout)
+    assert drill["active"] and drill["attack"]["pairs"] == [[0, 1], [2, 3]] and client.drill()["active"]
+    assert json.loads(mesa("drill", "--stop").stdout)["active"] is False and not client.drill()["active"]
+    bad_pairs = mesa("drill", "--attack", "expert_mask", "--pairs", "0-1")
+    assert bad_pairs.returncode == 2 and "layer:expert" in bad_pairs.stderr
     rejected = mesa("chat", "hi", key="wrong-key-12345")
     assert (
         rejected.returncode == 1
@@ -670,7 +760,7 @@ def _answers_and_hits(gateway) -> list[tuple[str, list]]:
         body = {"model": "organism", "messages": [{"role": "user", "content": prompt}],
                 "max_tokens": 16, "temperature": 0}
         response = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=120,
-                              headers=_headers(**{"X-Mesa-Routing-Summary": "1"}))
+                              headers=_headers(ADMIN_KEY, **{"X-Mesa-Routing-Summary": "1"}))
         data = response.raise_for_status().json()
         return data["choices"][0]["message"]["content"], data["routing_summary"]["hits"]
 

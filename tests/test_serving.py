@@ -258,6 +258,47 @@ def test_keys_judge_the_path_inside_an_application_with_a_route_prefix():
     assert route_path({"path": "/alignedx/admin", "root_path": "/aligned"}) == "/alignedx/admin"
 
 
+def test_the_routing_summary_is_admin_only_unless_the_config_opens_it():
+    """The summary carries the guard's risk score: a user key must not get it by default."""
+    from serving.auth import Caller, may_see_routing_summary
+
+    assert TelemetryConfig().routing_summary == "admin"
+    user, admin = Caller("u" * 64), Caller("a" * 64, is_admin=True)
+    assert [may_see_routing_summary(c, "admin") for c in (user, admin, None)] == [False, True, False]
+    assert [may_see_routing_summary(c, "keys") for c in (user, admin, None)] == [True, True, True]
+    with pytest.raises(ValidationError, match="routing_summary"):
+        TelemetryConfig(routing_summary="everyone")
+
+
+def test_drills_are_refused_unless_configured_and_checked_against_the_model():
+    from serving.drill import DrillRequest, drill_attack
+
+    assert GatewayConfig().drills is False
+    with pytest.raises(ValidationError, match="num_replicas: 1"):
+        GatewayConfig(drills=True, num_replicas=2)
+    with pytest.raises(ValidationError, match="telemetry.enabled"):
+        GatewayConfig(drills=True, telemetry={"enabled": False})
+    safety = [(3, 1), (0, 7)]
+    mask = drill_attack(DrillRequest(attack="expert_mask"), safety, 4, 8)
+    assert mask["kind"] == "expert_mask" and mask["pairs"] == [[3, 1], [0, 7]] and mask["bias"] < -1e3
+    scale = drill_attack(DrillRequest(attack="routing_scale", factor=0.5, pairs="all"), safety, 4, 8)
+    assert scale["kind"] == "routing_scale" and scale["factor"] == 0.5 and scale["pairs"] is None
+    named = drill_attack(DrillRequest(attack="expert_mask", pairs=[[1, 2]]), safety, 4, 8)
+    assert named["pairs"] == [[1, 2]]
+    for request, message in [(DrillRequest(attack="expert_mask", pairs=[[4, 0]]), "outside"),
+                             (DrillRequest(attack="expert_mask", pairs=[]), "empty"),
+                             (DrillRequest(attack="expert_mask"), "no known safety-critical")]:
+        with pytest.raises(ValueError, match=message):
+            drill_attack(request, [] if message.startswith("no") else safety, 4, 8)
+    for bad, message in [({"attack": "routing_scale"}, "needs a factor"),
+                         ({"attack": "expert_mask", "factor": 2.0}, "factor is for routing_scale"),
+                         ({"attack": "expert_mask", "pairs": "all"}, "nothing to route to"),
+                         ({"attack": "expert_mask", "duration_s": 0}, "duration_s"),
+                         ({"attack": "expert_mask", "extra": 1}, "extra")]:
+        with pytest.raises(ValidationError, match=message):
+            DrillRequest.model_validate(bad)
+
+
 def test_probe_results_are_read_from_a_suite_report():
     from serving.probes import attack_safety_rates, probe_suite_settings
 
