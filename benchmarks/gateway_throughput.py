@@ -12,8 +12,8 @@
 Each variant is started fresh, warmed up, then loaded by `gateway_load.run_load` (streaming chat,
 the OpenAI SDK; benign prompts only, so the guard judges every request and blocks none: the load
 stays the same work for every variant, and the report counts any block), then sent
-`--c1-requests` requests one at a time. The variants alternate over `--rounds` rounds so drift
-hits all of them alike.
+`--c1-requests` requests one at a time. The variants alternate over `--rounds` rounds, each round
+starting one variant later, so drift and position in the round hit all of them alike.
 
     python benchmarks/gateway_throughput.py [--clients 32 --requests 10 --max-tokens 32 --rounds 2]
         [--only gateway_telemetry_on gateway_telemetry_off]
@@ -131,9 +131,12 @@ def main() -> None:
     }
     variants = {name: run for name, run in variants.items() if name in args.only}
     runs: dict[str, list[dict]] = {name: [] for name in variants}
+    order = list(variants)
     for round_index in range(args.rounds):
-        for name, run in variants.items():
-            result = run()
+        # Each round starts one variant later, so no variant always runs first (or last).
+        shift = round_index % len(order)
+        for name in order[shift:] + order[:shift]:
+            result = variants[name]()
             runs[name].append(result)
             print(
                 f"[bench] round {round_index + 1} {name}: {result['requests_per_s']} req/s, "

@@ -38,6 +38,7 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from moe_routing.fingerprint import MANIFEST_FILE, ManifestError, combine, compare, read_manifest
 from serving.audit import AuditLog, prompt_text
 from serving.auth import KeyChecker, may_see_routing_summary, route_path  # noqa: F401  (route_path: its historical import path)
+from serving.batched_call import BatchedCall
 from serving.config import (
     GatewayConfig,
     check_limit_keys,
@@ -148,17 +149,21 @@ class Gateway:
             if engine_args.pipeline_parallel_size != 1:
                 raise ValueError("routing telemetry does not support pipeline parallelism")
         self.engine = AsyncLLM.from_engine_args(engine_args)
+        self._peek_routing = self._batched("routing_peek_requests")
+        self._pop_routing = self._batched("routing_pop_requests")
         guard = self.config.guard
         by_hand = guard.threshold is not None
         self.guard = GuardState(guard.policy, guard.threshold, "config" if by_hand else "none",
                                 guard.false_positive_rate)
         self._decisions: OrderedDict[str, GuardDecision] = OrderedDict()  # by tracking key, until collected
+        self._prompt_ids: OrderedDict[str, list[int] | None] = OrderedDict()  # observe: scored at the end
         self._prompt_scores = PromptScores()
         self.http_app = create_app(self)
         # vLLM's serving classes reach the engine through the guard (serving.guard), which needs telemetry.
         serving_engine = self.engine
         if telemetry.enabled:
-            serving_engine = GuardedEngine(self.engine, self._judge, lambda: self.guard.policy == "block")
+            serving_engine = GuardedEngine(self.engine, self._judge, self._note_prompt,
+                                           lambda: self.guard.policy)
         tasks = await self.engine.get_supported_tasks()
         await init_app_state(serving_engine, self.http_app.state, args, tasks)
         self.state = self.http_app.state
@@ -237,9 +242,16 @@ class Gateway:
             key = TRACK_MARKER + uuid.uuid4().hex
             async for _ in self.engine.generate({"prompt_token_ids": ids[:longest]}, params, key):
                 pass
-            return (await self.engine.collective_rpc("routing_pop_request", args=(key,)))[0]
+            return await self._pop_routing(key)
 
         return await asyncio.gather(*(prefill(p) for p in prompts))
+
+    def _batched(self, method: str) -> BatchedCall:
+        """A worker extension method over many tracking keys, called for many requests at once."""
+        async def call(keys: list[str]):
+            return (await self.engine.collective_rpc(method, args=(keys,)))[0]
+
+        return BatchedCall(call)
 
     async def _profile_at_start(self, shape: RoutingShape, harmful: list[str],
                                 benign: list[str]) -> RoutingProfile:
@@ -274,33 +286,47 @@ class Gateway:
         m.guard_high_risk.labels(self.name)
 
     async def _judge(self, request_id: str, prompt) -> bool:
-        """The guard's question at a request's first output (serving.guard.GuardedEngine): go on
-        (True) or end it (False). One decision per request, from its prompt's routing so far."""
+        """The guard's question at a request's first output under `flag` and `block`
+        (serving.guard.GuardedEngine): go on (True) or end it (False). One decision per request,
+        from its prompt's routing so far."""
         key = tracked_key(request_id)
         if key is None or self.telemetry is None:
             return True
         decision = self._decisions.get(key)
         if decision is None:
             try:
-                hits = (await self.engine.collective_rpc("routing_peek_request", args=(key,)))[0]
+                hits = await self._peek_routing(key)
             except Exception:  # fail open: the engine itself is in trouble, and the error counter says so
                 self.metrics.telemetry_errors.labels(self.name).inc()
                 logger.exception("reading a request's routing for the guard failed")
                 return True
             if hits is None:
                 return True
-            t, g, ids = self.telemetry, self.guard, prompt_token_ids(prompt)
-            risk = self._prompt_scores.resolve(ids, t.request_risk(hits))
-            t.observe_risk(risk)
-            action = decide(risk.score, g.policy, g.threshold)
-            if high_risk(risk.score, g.threshold):
-                self.metrics.guard_high_risk.labels(self.name).inc()
-            self.metrics.guard_decisions.labels(self.name, action).inc()
-            decision = GuardDecision(action, risk, len(ids) if ids is not None else risk.prompt_tokens)
-            self._decisions[key] = decision
-            while len(self._decisions) > MAX_REMEMBERED:
-                self._decisions.popitem(last=False)
+            decision = self._decide(key, hits, prompt_token_ids(prompt), self.guard.policy)
         return decision.action != "blocked"
+
+    def _note_prompt(self, request_id: str, prompt) -> None:
+        """Under `observe`: the prompt's ids, for its score at the end (`_request_routing`)."""
+        key = tracked_key(request_id)
+        if key is not None:
+            self._prompt_ids[key] = prompt_token_ids(prompt)
+            while len(self._prompt_ids) > MAX_REMEMBERED:
+                self._prompt_ids.popitem(last=False)
+
+    def _decide(self, key: str, prompt_hits, ids: list[int] | None, policy: str) -> GuardDecision:
+        """Score a request's prompt routing, count it, and keep the decision until collected."""
+        t, g = self.telemetry, self.guard
+        risk = self._prompt_scores.resolve(ids, t.request_risk(prompt_hits))
+        t.observe_risk(risk)
+        action = decide(risk.score, policy, g.threshold)
+        if high_risk(risk.score, g.threshold):
+            self.metrics.guard_high_risk.labels(self.name).inc()
+        self.metrics.guard_decisions.labels(self.name, action).inc()
+        decision = GuardDecision(action, risk, len(ids) if ids is not None else risk.prompt_tokens)
+        self._decisions[key] = decision
+        while len(self._decisions) > MAX_REMEMBERED:
+            self._decisions.popitem(last=False)
+        return decision
 
     # ---- metrics helpers (used by the middleware) ----
 
@@ -449,13 +475,19 @@ class Gateway:
 
     async def _request_routing(self, key: str, record=None) -> tuple[dict | None, GuardDecision | None]:
         """Collect a finished request's routing from the engine (freeing its slot) and the guard's
-        decision on it: (its routing summary, the decision); the audit record gets both."""
+        decision on it: (its routing summary, the decision); the audit record gets both. A
+        request served under `observe` is scored here, on the same prompt counts a judgement at
+        its first output would have read."""
+        hits = await self._pop_routing(key)
+        noted, ids = key in self._prompt_ids, self._prompt_ids.pop(key, None)
         decision = self._decisions.pop(key, None)
+        if decision is None and noted and hits is not None:
+            decision = self._decide(key, hits["prompt"], ids, "observe")
+            del self._decisions[key]
         if record is not None and decision is not None:
             record.risk = decision.risk.score
             if decision.action != "allowed":
                 record.decision = decision.action
-        hits = (await self.engine.collective_rpc("routing_pop_request", args=(key,)))[0]
         if hits is None:
             return None, decision
         t = self.telemetry

@@ -164,8 +164,7 @@ class EngineChatGenerator:
         hits = []
         for start in range(0, len(prompts), PROFILE_CHUNK):  # within the worker's tracking slots
             keys, _ = self._run(prompts[start : start + PROFILE_CHUNK], params, tracked=True)
-            hits += [self._call(self.engine.collective_rpc("routing_pop_request", args=(k,)))[0]
-                     for k in keys]
+            hits += self._call(self.engine.collective_rpc("routing_pop_requests", args=(keys,)))[0]
         missing = sum(h is None for h in hits)
         if missing:
             raise RuntimeError(f"the engine kept no routing for {missing} of {len(hits)} profiled prompts")

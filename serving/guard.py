@@ -8,9 +8,11 @@ the engine (vLLM's `AsyncLLM.generate` aborts on GeneratorExit), and the serving
 stream that ended before its first output. The gateway then answers with an OpenAI-format
 refusal (`finish_reason: "content_filter"`). Other requests in the same batch are untouched.
 
-Under `observe` and `flag` a non-streaming request keeps vLLM's final-output-only mode and is
-judged when its output comes, at the end (there is nothing to stop); under `block` it is judged
-after prefill like a streaming one (`GuardedEngine`).
+Under `flag` a non-streaming request keeps vLLM's final-output-only mode and is judged when its
+output comes, at the end (there is nothing to stop); under `block` it is judged after prefill
+like a streaming one (`GuardedEngine`). Under `observe` no request waits for its score: it is
+computed at the request's end from the same prompt counts (prompt tokens are routed once, at
+prefill, so the score is the one a first-output judgement would give).
 
 Policies (per model, `guard.policy`; the admin may change it at run time):
     observe  score and count (histograms, audit `risk`); never changes a response
@@ -122,23 +124,33 @@ def prompt_token_ids(prompt) -> list[int] | None:
 
 class GuardedEngine:
     """The engine as vLLM's serving classes see it: every attribute is the engine's, except
-    `generate`, which asks `judge(request_id, prompt)` at the first output and ends the request
-    there when it answers False.
+    `generate`. Under `flag` and `block` it asks `judge(request_id, prompt)` at the first output
+    and ends the request there when the answer is False. Under `observe` nothing waits for a
+    decision: `note(request_id, prompt)` keeps the prompt for the scoring at the request's end, and
+    the engine's own generator goes to the caller (no extra layer per output, no engine call on
+    the way to the first token).
 
     A non-streaming request asks the engine for its final output only, which comes when the
-    generation is over; while `blocking()` is true such a request is switched to cumulative
-    outputs (each step's output holds everything so far), so the first one comes after prefill,
-    and only the last is passed on, as the caller asked."""
+    generation is over; under `block` such a request is switched to cumulative outputs (each
+    step's output holds everything so far), so the first one comes after prefill, and only the
+    last is passed on, as the caller asked."""
 
-    def __init__(self, engine, judge, blocking=lambda: True):
-        self._engine, self._judge, self._blocking = engine, judge, blocking
+    def __init__(self, engine, judge, note, policy=lambda: "block"):
+        self._engine, self._judge, self._note, self._policy = engine, judge, note, policy
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    async def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+    def generate(self, prompt, sampling_params, request_id, *args, **kwargs):
+        policy = self._policy()
+        if policy == "observe":
+            self._note(request_id, prompt)
+            return self._engine.generate(prompt, sampling_params, request_id, *args, **kwargs)
+        return self._judged(policy == "block", prompt, sampling_params, request_id, *args, **kwargs)
+
+    async def _judged(self, blocking, prompt, sampling_params, request_id, *args, **kwargs):
         kind = getattr(sampling_params, "output_kind", None)
-        final_only = getattr(kind, "name", None) == "FINAL_ONLY" and self._blocking()
+        final_only = getattr(kind, "name", None) == "FINAL_ONLY" and blocking
         if final_only:
             sampling_params = sampling_params.clone()
             sampling_params.output_kind = type(kind).CUMULATIVE

@@ -20,8 +20,8 @@ Hooks run only in eager mode (CUDA graphs and torch.compile skip Python hooks), 
 enables `enforce_eager` when telemetry is on.
 
 `routing_set_attack` applies an expert mask or routing scale of `safety_eval.attacks` inside the
-engine; only the probe replica's own engine gets it (`serving.engine_probes`), never the engine
-that answers users.
+engine: the probe replica's own engine (`serving.engine_probes`), and the engine that answers
+users only during an alert drill its config allows (`serving.drill`).
 
 `routing_fingerprint` computes the integrity fingerprint (`moe_routing.fingerprint`) of the
 routers and experts from the engine's own modules, for the gateway to compare with the
@@ -217,26 +217,32 @@ class RoutingRecorder:
         hits = state["hits"].view(3, L, E)[:2].cpu().tolist()
         return {"hits": hits, "tokens": list(state["tokens"])}
 
-    def routing_peek_request(self, key: str) -> list[list[int]] | None:
-        """A tracked request's prompt counts [L][E] so far, left in place (None if not held)."""
+    def routing_peek_requests(self, keys: list[str]) -> list[list[list[int]] | None]:
+        """Tracked requests' prompt counts [L][E] so far, left in place (None for a key not
+        held). One call serves many requests (the gateway batches them,
+        `serving.batched_call.BatchedCall`): the engine core handles one utility call per batch."""
         state = self._routing
-        slot = state["tracked"].get(key)
-        if slot is None:
-            return None
         L, E = state["shape"]["num_layers"], state["shape"]["num_experts"]
-        return state["request_hits"].view(MAX_TRACKED_REQUESTS + 1, 2, L, E)[slot, PROMPT].cpu().tolist()
+        slots = [state["tracked"].get(key) for key in keys]
+        held = [slot for slot in slots if slot is not None]
+        if not held:
+            return [None] * len(keys)
+        per_slot = state["request_hits"].view(MAX_TRACKED_REQUESTS + 1, 2, L, E)
+        rows = iter(per_slot[held, PROMPT].cpu().tolist())
+        return [None if slot is None else next(rows) for slot in slots]
 
-    def routing_pop_request(self, key: str) -> dict | None:
-        """A tracked request's counts {"prompt": [L][E], "generated": [L][E]}, removed from the
-        worker (None for a request it does not hold)."""
+    def routing_pop_requests(self, keys: list[str]) -> list[dict | None]:
+        """Tracked requests' counts {"prompt": [L][E], "generated": [L][E]}, removed from the
+        worker (None for a key it does not hold); batched like `routing_peek_requests`."""
         state = self._routing
-        slot = state["tracked"].pop(key, None)
-        if slot is None:
-            return None
         L, E = state["shape"]["num_layers"], state["shape"]["num_experts"]
-        hits = state["request_hits"].view(MAX_TRACKED_REQUESTS + 1, 2, L, E)[slot].cpu().tolist()
-        state["free"].append(slot)
-        return {"prompt": hits[0], "generated": hits[1]}
+        slots = [state["tracked"].pop(key, None) for key in keys]
+        held = [slot for slot in slots if slot is not None]
+        if not held:
+            return [None] * len(keys)
+        rows = iter(state["request_hits"].view(MAX_TRACKED_REQUESTS + 1, 2, L, E)[held].cpu().tolist())
+        state["free"].extend(held)
+        return [None if slot is None else dict(zip(("prompt", "generated"), next(rows))) for slot in slots]
 
     # ---- attacks: a probe engine (serving.engine_probes), an alert drill (serving.drill) ----
 

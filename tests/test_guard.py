@@ -1,5 +1,9 @@
-"""The routing guard's pure parts: decisions, threshold calibration, remembered prompt scores and
-the refusal body (the engine wrapper is tested through the running gateway, test_gateway.py)."""
+"""The routing guard's pure parts: decisions, threshold calibration, remembered prompt scores, the
+refusal body, and the engine wrapper's control flow on a stand-in stream (the wrapper on the real
+engine is tested through the running gateway, test_gateway.py)."""
+
+import asyncio
+import types
 
 import numpy as np
 import pytest
@@ -62,3 +66,81 @@ def test_refusals_are_openai_shaped(kind, chunk):
         assert choice["text"] == "no" and body["object"] == "text_completion"
     usage = {"prompt_tokens": 7, "completion_tokens": 0, "total_tokens": 7}
     assert body["usage"] == (None if chunk else usage)
+
+
+class _Outputs:
+    """An engine's output stream of `n` steps (vLLM's RequestOutput has `finished`); records
+    whether it was closed, as AsyncLLM aborts a request whose generator is closed."""
+
+    def __init__(self, n: int):
+        self.n, self.closed = n, False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.n == 0:
+            raise StopAsyncIteration
+        self.n -= 1
+        return types.SimpleNamespace(finished=self.n == 0, left=self.n)
+
+    async def aclose(self):
+        self.closed = True
+
+
+class _Engine:
+    def __init__(self, steps: int = 3):
+        self.steps, self.streams, self.params = steps, [], []
+
+    def generate(self, prompt, sampling_params, request_id):
+        self.params.append(sampling_params)
+        self.streams.append(_Outputs(self.steps))
+        return self.streams[-1]
+
+
+def _guarded(policy: str, verdict: bool = True):
+    from serving.guard import GuardedEngine
+
+    engine, judged, noted = _Engine(), [], []
+
+    async def judge(request_id, prompt):
+        judged.append(request_id)
+        return verdict
+
+    guarded = GuardedEngine(engine, judge, lambda request_id, prompt: noted.append(request_id),
+                            lambda: policy)
+    return guarded, engine, judged, noted
+
+
+async def _drain(stream):
+    return [output.left async for output in stream]
+
+
+def test_observe_hands_over_the_engine_stream_and_waits_for_no_decision():
+    guarded, engine, judged, noted = _guarded("observe")
+    stream = guarded.generate({"prompt_token_ids": [1, 2]}, None, "r1")
+    assert stream is engine.streams[0]  # no layer per output
+    assert asyncio.run(_drain(stream)) == [2, 1, 0] and noted == ["r1"] and judged == []
+
+
+@pytest.mark.parametrize("policy", ["flag", "block"])
+def test_flag_and_block_judge_at_the_first_output_and_a_refusal_aborts(policy):
+    guarded, engine, judged, noted = _guarded(policy)
+    assert asyncio.run(_drain(guarded.generate({}, None, "r1"))) == [2, 1, 0]
+    assert judged == ["r1"] and noted == []
+    guarded, engine, judged, _ = _guarded(policy, verdict=False)
+    assert asyncio.run(_drain(guarded.generate({}, None, "r2"))) == []
+    assert judged == ["r2"] and engine.streams[0].closed
+
+
+def test_block_turns_a_final_only_request_into_cumulative_outputs_and_passes_the_last():
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    params = SamplingParams(max_tokens=4, output_kind=RequestOutputKind.FINAL_ONLY)
+    guarded, engine, judged, _ = _guarded("block")
+    assert asyncio.run(_drain(guarded.generate({}, params, "r1"))) == [0]
+    assert engine.params[0].output_kind == RequestOutputKind.CUMULATIVE and judged == ["r1"]
+    assert params.output_kind == RequestOutputKind.FINAL_ONLY  # the caller's params are untouched
+    guarded, engine, _, _ = _guarded("flag")  # flag judges the final output when it comes
+    asyncio.run(_drain(guarded.generate({}, params, "r2")))
+    assert engine.params[0] is params
