@@ -302,7 +302,10 @@ class Gateway:
                 return True
             if hits is None:
                 return True
-            decision = self._decide(key, hits, prompt_token_ids(prompt), self.guard.policy)
+            decision = self._decide(hits, prompt_token_ids(prompt), self.guard.policy)
+            self._decisions[key] = decision  # until the request's end collects it
+            while len(self._decisions) > MAX_REMEMBERED:
+                self._decisions.popitem(last=False)
         return decision.action != "blocked"
 
     def _note_prompt(self, request_id: str, prompt) -> None:
@@ -313,8 +316,8 @@ class Gateway:
             while len(self._prompt_ids) > MAX_REMEMBERED:
                 self._prompt_ids.popitem(last=False)
 
-    def _decide(self, key: str, prompt_hits, ids: list[int] | None, policy: str) -> GuardDecision:
-        """Score a request's prompt routing, count it, and keep the decision until collected."""
+    def _decide(self, prompt_hits, ids: list[int] | None, policy: str) -> GuardDecision:
+        """Score a request's prompt routing and count the decision."""
         t, g = self.telemetry, self.guard
         risk = self._prompt_scores.resolve(ids, t.request_risk(prompt_hits))
         t.observe_risk(risk)
@@ -322,11 +325,7 @@ class Gateway:
         if high_risk(risk.score, g.threshold):
             self.metrics.guard_high_risk.labels(self.name).inc()
         self.metrics.guard_decisions.labels(self.name, action).inc()
-        decision = GuardDecision(action, risk, len(ids) if ids is not None else risk.prompt_tokens)
-        self._decisions[key] = decision
-        while len(self._decisions) > MAX_REMEMBERED:
-            self._decisions.popitem(last=False)
-        return decision
+        return GuardDecision(action, risk, len(ids) if ids is not None else risk.prompt_tokens)
 
     # ---- metrics helpers (used by the middleware) ----
 
@@ -482,8 +481,7 @@ class Gateway:
         noted, ids = key in self._prompt_ids, self._prompt_ids.pop(key, None)
         decision = self._decisions.pop(key, None)
         if decision is None and noted and hits is not None:
-            decision = self._decide(key, hits["prompt"], ids, "observe")
-            del self._decisions[key]
+            decision = self._decide(hits["prompt"], ids, "observe")
         if record is not None and decision is not None:
             record.risk = decision.risk.score
             if decision.action != "allowed":

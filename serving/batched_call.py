@@ -23,7 +23,6 @@ class BatchedCall:
         self._call = call
         self._pending: dict[str, list[asyncio.Future]] = {}
         self._flushing = False
-        self.calls = 0  # calls made, for tests and benchmarks
 
     async def __call__(self, key: str):
         loop = asyncio.get_running_loop()
@@ -38,7 +37,6 @@ class BatchedCall:
         try:
             while self._pending:
                 batch, self._pending = self._pending, {}
-                self.calls += 1
                 try:
                     results = await self._call(list(batch))
                     if len(results) != len(batch):
