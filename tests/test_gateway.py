@@ -353,7 +353,8 @@ def test_every_request_is_scored_and_the_guard_is_calibrated_on_validation_promp
 
 
 def test_schemathesis_fuzzing_finds_no_server_error(gateway, tmp_path):
-    """Every route with the admin key, POST /admin/guard included; the guard is put back after."""
+    """Every route with the admin key, POST /admin/guard and /admin/drill included; the guard is
+    put back and any drill the fuzzer started is ended after."""
     schemathesis = Path(sys.executable).parent / "schemathesis"
     guard = httpx.get(gateway.url + "/admin/guard", headers=_headers(ADMIN_KEY)).json()
     try:
@@ -361,6 +362,7 @@ def test_schemathesis_fuzzing_finds_no_server_error(gateway, tmp_path):
     finally:
         httpx.post(gateway.url + "/admin/guard", headers=_headers(ADMIN_KEY),
                    json={"policy": guard["policy"], "threshold": guard["threshold"]}).raise_for_status()
+        httpx.delete(gateway.url + "/admin/drill", headers=_headers(ADMIN_KEY)).raise_for_status()
     summary = result.stdout[-3000:]
     assert result.returncode == 0, summary
     assert "Server error" not in summary
