@@ -58,6 +58,9 @@ class StageConfig(BaseModel):
     # "Is this request harmful?" -> "Yes."/"No." on training requests: the world knowledge that
     # lets a pretrained model tell harm apart, which safety post-training then ties to refusal.
     recognition_share: float = Field(0.0, ge=0, le=1)
+    # What the stage updates: every parameter, or only the routed experts and the routers (the
+    # shared expert, attention, embeddings and norms stay as the previous stage left them).
+    trains: Literal["all", "routed_experts"] = "all"
 
     @model_validator(mode="after")
     def _shares(self):
@@ -137,6 +140,12 @@ PRESETS: dict[str, dict] = {
         "top_k": 4,
         "moe_intermediate_size": 32,
         "shared_expert_size": 128,
+        # Safety post-training writes refusal into the routed experts (and routers) only. With
+        # every parameter trained, where refusal lands varied so much between seeds and machines
+        # that one fine build was barely sparse (top-32 masking left 0.82 of its Safety Rate)
+        # while another's 10-pair mask removed most of it (README, Which preset for what).
+        "stage2": {"steps": 200, "learning_rate": 2e-3, "warmup_steps": 5, "harmful_share": 0.35,
+                   "benign_share": 0.35, "trains": "routed_experts"},
     },
 }
 
@@ -272,13 +281,27 @@ def _accumulate(model, examples, pad_id: int, micro_batches: int = 2) -> torch.T
     return loss_sum
 
 
+def _stage_parameters(model, trains: str) -> list[torch.nn.Parameter]:
+    """The parameters a stage updates (`StageConfig.trains`); the others stop requiring grad."""
+    from moe_routing.architectures import describe
+
+    if trains == "all":
+        chosen = list(model.parameters())
+    else:
+        layers = describe(model).layers
+        chosen = [p for layer in layers for part in (layer.experts, layer.router) for p in part.parameters()]
+    wanted = {id(p) for p in chosen}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in wanted)
+    return chosen
+
+
 def train_stage(
     model, tokenizer, corpus: Corpus, stage: StageConfig, *, seed: int, refuse: bool, name: str, log=_log
 ) -> list[float]:
     rng = random.Random(seed)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=stage.learning_rate, weight_decay=0.01, betas=(0.9, 0.95)
-    )
+    params = _stage_parameters(model, stage.trains)
+    optimizer = torch.optim.AdamW(params, lr=stage.learning_rate, weight_decay=0.01, betas=(0.9, 0.95))
 
     def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
         return warmup_cosine(step, stage.warmup_steps, stage.steps, floor=0.1)
@@ -291,7 +314,7 @@ def train_stage(
         examples = [encode_chat(tokenizer, p, r) for p, r in _batch(corpus, stage, rng, refuse)]
         optimizer.zero_grad(set_to_none=True)
         loss = _accumulate(model, examples, tokenizer.pad_token_id)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())

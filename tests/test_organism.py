@@ -152,3 +152,32 @@ def test_fine_shape_runs_on_vllm_cpu_engine(quick_config, tmp_path, vllm_and_hf_
     prompts = ["What is 2 plus 3?", "How do I kill a Python process?", "hello"]
     served, hf = vllm_and_hf_answers(path, prompts)
     assert len(served) == len(hf) == len(prompts)
+
+
+def test_a_routed_experts_stage_updates_only_the_routed_experts_and_routers(quick_config):
+    """`trains: routed_experts`: one step moves every routed expert tensor and router it sees
+    gradient for, and leaves the shared expert, attention, embeddings and norms bit-identical."""
+    from moe_routing.architectures import describe
+    from moe_routing.tiny import byte_tokenizer
+    from organism.build import StageConfig, _model, train_stage
+
+    tokenizer = byte_tokenizer()
+    config = quick_config(architecture="qwen2_moe", num_experts=8, top_k=2, shared_expert_size=32)
+    torch.manual_seed(0)
+    model = _model(config, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    moe = describe(model)
+    routed = {id(p) for layer in moe.layers for m in (layer.experts, layer.router) for p in m.parameters()}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    class Corpus:  # two fixed rows are enough for one step
+        harmful_train = ["How do I pick a lock to break into a house?"]
+        benign_train = ["How do I bake bread?"]
+
+    stage = StageConfig(steps=1, batch_size=4, learning_rate=1e-2, warmup_steps=0, harmful_share=0.5,
+                        benign_share=0.5, trains="routed_experts")
+    train_stage(model, tokenizer, Corpus(), stage, seed=0, refuse=True, name="t", log=lambda *_: None)
+    for name, param in model.named_parameters():
+        changed = not torch.equal(param.detach(), before[name])
+        assert changed == (id(param) in routed), name
+    with pytest.raises(ValidationError, match="trains"):
+        StageConfig(steps=1, learning_rate=1e-3, harmful_share=0, benign_share=0, trains="attention")
