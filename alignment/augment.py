@@ -7,7 +7,7 @@
   D_l learns to refuse on its own, not only in its usual company.
 
 Both are pure functions of (seed, step, state), so a resumed run draws what an uninterrupted
-one would.
+one would; each draws from a stream of its own (:func:`step_rng`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,14 @@ import torch
 from alignment.config import TrainingConfig
 from moe_routing.architectures import RouterSpec, route
 from moe_routing.stats import top_pairs
+
+
+def step_rng(purpose: str, seed: int, step: int) -> random.Random:
+    """The random stream of one purpose at one training step. Keyed by the purpose's name, so two
+    purposes never share a stream: arithmetic keys such as ``seed * 7919 + step`` collide for
+    seed 0 (every purpose then drew ``Random(step)``: a step's forced-route coin was its mask coin,
+    and its batch came from the same stream)."""
+    return random.Random(f"{purpose}/{seed}/{step}")
 
 
 class SafetyRouting:
@@ -69,7 +77,7 @@ def augmentation_mask(step: int, seed: int, training: TrainingConfig, routing: S
     A pure function of (seed, step, routing state), so resumed runs draw the same masks."""
     if routing is None or training.mask_augmentation == 0:
         return []
-    rng = random.Random(seed * 7919 + step)
+    rng = step_rng("mask", seed, step)
     if rng.random() >= training.mask_augmentation:
         return []
     return routing.top(rng.randint(1, training.mask_max))
@@ -83,7 +91,7 @@ def forced_routes(step: int, seed: int, training: TrainingConfig, safety_set: Ma
     tokens); other rows are left alone (-1)."""
     if training.forced_routes == 0:
         return {}
-    rng = random.Random(seed * 104_729 + step)
+    rng = step_rng("forced", seed, step)
     if rng.random() >= training.forced_routes or not any(harmful):
         return {}
     forced = {}
@@ -96,3 +104,4 @@ def forced_routes(step: int, seed: int, training: TrainingConfig, safety_set: Ma
                 rows[row] = torch.tensor(sorted(rng.sample(sorted(members), top_k)))
         forced[layer] = rows
     return forced
+

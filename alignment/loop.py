@@ -9,7 +9,6 @@ trainable values, plus optimizer and scheduler), and resume from the latest one.
 
 from __future__ import annotations
 
-import random
 import tempfile
 import time
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alignment.augment import SafetyRouting, augmentation_mask, forced_routes
+from alignment.augment import SafetyRouting, augmentation_mask, forced_routes, step_rng
 from alignment.config import AlignmentConfig, TrainingConfig
 from alignment.data import Example, load_alignment_data
 from alignment.distributed import global_sum, world_size
@@ -48,7 +47,7 @@ def step_batch(step: int, seed: int, training: TrainingConfig, num_safety: int,
                num_general: int) -> list[tuple[str, int]]:
     """The global batch of `step`: ("safety" | "general", index) pairs, a pure function of
     (seed, step) so a resumed run sees exactly the batches an uninterrupted one would."""
-    rng = random.Random(seed * 1_000_003 + step)
+    rng = step_rng("batch", seed, step)
     general = round(training.batch_size * training.general_share) if num_general else 0
     rows = [("safety", rng.randrange(num_safety)) for _ in range(training.batch_size - general)]
     rows += [("general", rng.randrange(num_general)) for _ in range(general)]

@@ -48,6 +48,34 @@ def test_shipped_configs_load():
         load_config(path)
 
 
+def test_set_overrides_one_value_and_names_what_it_rejects():
+    from alignment.config import with_settings
+
+    config = with_settings(load_config(None), ["training.router_eps=0.5", "evaluation.suite.split=validation",
+                                               "evaluation.suite.mask_counts=[1, 4]", "organism_preset=fine"])
+    assert config.training.router_eps == 0.5 and config.evaluation.suite.split == "validation"
+    assert config.evaluation.suite.mask_counts == [1, 4] and config.organism_preset == "fine"
+    with pytest.raises(ValueError, match="training.router_epz: no such key"):
+        with_settings(config, ["training.router_epz=1"])
+    with pytest.raises(ValueError, match="seed is not a config section"):
+        with_settings(config, ["seed.x=1"])
+    with pytest.raises(ValueError, match="expected dotted.key=value"):
+        with_settings(config, ["training.steps"])
+    with pytest.raises(ValidationError, match="split"):
+        with_settings(config, ["evaluation.suite.split=train"])
+    with pytest.raises(ValidationError, match="organism_preset"):
+        with_settings(config, ["organism_preset=huge"])
+
+
+def test_the_organism_presets_the_alignment_config_names_exist():
+    from typing import get_args
+
+    from alignment.config import AlignmentConfig
+    from organism.build import PRESETS
+
+    assert set(get_args(AlignmentConfig.model_fields["organism_preset"].annotation)) == set(PRESETS)
+
+
 # --- data ---------------------------------------------------------------------------------------
 
 
@@ -337,6 +365,22 @@ def test_forced_routes_draw_k_subsets_of_the_safety_set_for_harmful_rows():
     off = AlignmentConfig(training={"forced_routes": 0.0}).training
     assert all(forced_routes(s, 0, off, safety_set, 2, harmful, 5) == {} for s in range(20))
     assert all(forced_routes(s, 0, training, safety_set, 2, [False] * 3, 5) == {} for s in range(20))
+
+
+def test_each_kind_of_draw_has_its_own_stream_for_every_seed():
+    """Seed 0 used to give every purpose the stream Random(step): a step's forced-route coin was its
+    mask coin. Now the coins of one step are independent."""
+    import numpy as np
+
+    from alignment.augment import SafetyRouting, augmentation_mask, forced_routes
+
+    training = AlignmentConfig(training={"forced_routes": 0.5, "mask_augmentation": 0.5}).training
+    routing = SafetyRouting(np.eye(2, 8), np.zeros((2, 8)), top_k=2)
+    for seed in (0, 1):
+        forced = {s for s in range(200) if forced_routes(s, seed, training, {0: [1, 2, 3]}, 2, [True], 3)}
+        masked = {s for s in range(200) if augmentation_mask(s, seed, training, routing)}
+        both = len(forced & masked)
+        assert 25 < both < 75, (seed, both)  # about 200 / 4 when independent, not 100
 
 
 def test_the_method_table_drives_what_trains():
