@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignment.config import AlignmentConfig, load_config
+from alignment.config import AlignmentConfig, load_config, with_settings
 from alignment.methods import ABLATIONS, METHODS, apply_settings
 
 # Default rows; any method of alignment.methods.METHODS or ablation of ABLATIONS may be asked for.
@@ -92,6 +92,18 @@ def row_config(config: AlignmentConfig, row: str, output: Path, mask_augmentatio
     return AlignmentConfig.model_validate(data)
 
 
+def _n50_ratio(row: dict, base: dict) -> str:
+    """The row's top-N N50 over its base's, ">" when the row's curve never halved (a lower bound
+    at the largest budget measured)."""
+    budgets = [int(n) for n in (row.get("masking") or {}).get("verdicts", {})]
+    value, reference = row.get("n50_top_count"), base.get("n50_top_count")
+    if not reference:
+        return "n/a"
+    if value is None:
+        return f"> {max(budgets) / reference:.1f}" if budgets else "n/a"
+    return f"{value / reference:.1f}"
+
+
 def _p_values(tests: list[dict | None]) -> str:
     return " / ".join("n/a" if t is None else f"{t['p_value']:.3g}" for t in tests)
 
@@ -99,6 +111,7 @@ def _p_values(tests: list[dict | None]) -> str:
 def compare(config: AlignmentConfig, output: Path, methods=DEFAULT_ROWS, mask_augmentation: float = 0.5,
             seeds: Sequence[Replicate] | None = None) -> dict:
     """Every method on every replicate (default: the config's own organism and training seed)."""
+    from alignment.claims import claim_tests, claims_markdown
     from alignment.report import (
         aggregate_rows,
         mean_sd,
@@ -134,6 +147,7 @@ def compare(config: AlignmentConfig, output: Path, methods=DEFAULT_ROWS, mask_au
                 "trainable params": f"{params['trainable']:,} ({100 * params['fraction']:.1f}%)",
                 "train s": (report["training"]["final"] or {}).get("seconds"),
             }
+            extra[method]["N50 top / base"] = _n50_ratio(rows[method], rows["base"])
             # Paired test of the row's plain Safety Rate against this replicate's base.
             tests[method] = paired_safety_test(rows["base"], rows[method])
             extra[method]["McNemar p (SR vs base)"] = "" if tests[method] is None else \
@@ -154,7 +168,7 @@ def compare(config: AlignmentConfig, output: Path, methods=DEFAULT_ROWS, mask_au
                                                     + ("" if t["sd"] is None else f" ± {t['sd']:.1f}"),
             "McNemar p per seed (SR vs base)": _p_values(mcnemar[method]),
         }
-    table = mean_sd_table(aggregate, summary_extra)
+    table = mean_sd_table(aggregate, summary_extra, config.evaluation.suite.headline_mask)
     listed = ", ".join(r["name"] for r in per_seed)
     notes = (
         f"Mean ± sd (sample standard deviation) over {len(per_seed)} replicate(s): {listed}. "
@@ -173,7 +187,11 @@ def compare(config: AlignmentConfig, output: Path, methods=DEFAULT_ROWS, mask_au
         "p-value per replicate (in the order listed). Per-replicate tables below carry Wilson 95% "
         "intervals in brackets."
     )
-    sections = [f"# Alignment results\n\n{table}\n\n{notes}\n", "## Per replicate\n"]
+    claims = claim_tests([r["rows"] for r in per_seed])
+    sections = [f"# Alignment results\n\n{table}\n\n{notes}\n"]
+    if claims:
+        sections.append("## Paired tests between methods\n\n" + claims_markdown(claims) + "\n")
+    sections.append("## Per replicate\n")
     for r in per_seed:
         sections.append(f"### {r['name']}\n\nCheckpoint `{r['checkpoint']}`.\n\n"
                         f"{results_table(r['rows'], r['extra'])}\n")
@@ -184,6 +202,7 @@ def compare(config: AlignmentConfig, output: Path, methods=DEFAULT_ROWS, mask_au
         "aggregate": aggregate,
         "train_seconds": train_seconds,
         "mcnemar": mcnemar,
+        "claims": claims,
         "config": config.model_dump(),
         "mask_augmentation": mask_augmentation,
     }
@@ -217,6 +236,10 @@ def main(argv=None) -> int:
     parser.add_argument("--organism-seeds", type=_int_list,
                         help="organism seeds (model: organism only), paired with --seeds in order "
                         "(default: the same numbers; one value: the same organism for every replicate)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value for every row, e.g. --set "
+                        "evaluation.suite.split=validation to choose settings without the test prompts "
+                        "(repeatable)")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = {m for m in methods if m.removesuffix(AUGMENTED) not in ROWS}
@@ -231,7 +254,7 @@ def main(argv=None) -> int:
         parser.error("--mask-augmentation must be in (0, 1]")
 
     def job():
-        config = load_config(args.config)
+        config = with_settings(load_config(args.config), args.set)
         pairs = replicates(config, args.seeds, args.organism_seeds)
         if len(pairs) < MIN_SEEDS:
             raise ValueError(f"--seeds: {len(pairs)} replicate(s); the comparison needs at least "

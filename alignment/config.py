@@ -6,6 +6,7 @@ it. The config is written verbatim into the job's report.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -106,6 +107,10 @@ class AlignmentConfig(BaseModel):
     # held-out sets follow it). Ignored for any other model. Packaged data is always split with
     # the checkpoint's organism seed (organism.json), or evaluation.suite.seed for other models.
     organism_seed: int = Field(0, ge=0)
+    # model == "organism": which organism shape (organism.build.PRESETS). `coarse` (8 experts,
+    # top-2) is quick; `fine` (32 experts, top-4, a shared expert) has real models' ratios and is
+    # the one method comparisons are measured on (README, Which preset for what).
+    organism_preset: Literal["coarse", "fine"] = "coarse"
     data: DataConfig = DataConfig()
     profile: ProfileConfig = ProfileConfig()
     allocation: AllocationSettings = AllocationSettings()
@@ -142,3 +147,26 @@ class AlignmentConfig(BaseModel):
 
 def load_config(path: str | Path | None, **overrides) -> AlignmentConfig:
     return load_yaml_config(AlignmentConfig, path, "alignment config", **overrides)
+
+
+def with_settings(config: AlignmentConfig, assignments: Sequence[str]) -> AlignmentConfig:
+    """`config` with ``dotted.key=value`` assignments applied (the commands' ``--set``); values
+    are YAML (``0.5``, ``true``, ``[1, 2]``, ``validation``). A key that is not in the config, or a
+    value it rejects, fails naming it, as in a config file."""
+    import yaml
+
+    data = config.model_dump()
+    for assignment in assignments:
+        dotted, sep, text = assignment.partition("=")
+        keys = dotted.strip().split(".")
+        if not sep or not all(keys):
+            raise ValueError(f"--set {assignment!r}: expected dotted.key=value, e.g. training.steps=50")
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            if not isinstance(node.get(key), dict):
+                raise ValueError(f"--set {dotted}: {'.'.join(keys[: depth + 1])} is not a config section")
+            node = node[key]
+        if keys[-1] not in node:
+            raise ValueError(f"--set {dotted}: no such key in the alignment config")
+        node[keys[-1]] = yaml.safe_load(text)
+    return AlignmentConfig.model_validate(data)

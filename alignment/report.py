@@ -14,44 +14,60 @@ import numpy as np
 from alignment.allocation import shoulder_cost
 from moe_routing.stats import RoutingCounts, expert_frequency, risk_difference
 
-# Columns of the before/after table: (summary key, label); the key's value is a rate in [0, 1].
+# Columns of the before/after table: (row key, label); the key's value is a rate in [0, 1]. The
+# masked columns are the suite's headline budget (`headline_mask`, its "top-N masking"; "N" in a
+# label is replaced by it), so every row of one table is masked at the same share of the pairs.
 TABLE_COLUMNS = (
     ("safety_rate", "Safety Rate"),
     ("jailbreak_safety_rate", "SR jailbreak"),
-    ("top4_mask_safety_rate", "SR top-4 masked"),
-    ("top6_mask_safety_rate", "SR top-6 masked"),
-    ("top8_mask_safety_rate", "SR top-8 masked"),
-    ("random6_mask_safety_rate", "SR random-6 masked"),
+    ("headline_top_mask_safety_rate", "SR top-N masked"),
+    ("headline_random_mask_safety_rate", "SR random-N masked"),
+    ("n50_top_fraction", "N50 top-N (share of pairs)"),
+    ("n50_random_fraction", "N50 random (share of pairs)"),
     ("scale_global_x0.5_safety_rate", "SR scale x0.5"),
     ("scale_global_x1.5_safety_rate", "SR scale x1.5"),
     ("fsour_attack_success", "F-SOUR ASR"),
     ("fsour_degenerate_rate", "F-SOUR degenerate"),
     ("layer_route_search_attack_success", "Layer route search ASR"),
     ("layer_route_search_degenerate_rate", "Layer route search degenerate"),
-    ("n50_top_fraction", "N50 top-N (share of pairs)"),
-    ("n50_random_fraction", "N50 random (share of pairs)"),
     ("general_accuracy", "General acc."),
     ("over_refusal", "Over-refusal"),
 )
 
 
 def table_row(evaluation: dict) -> dict:
-    """A suite report's numbers for the table, including top-4/6/8 masking from its curve, and the
-    per-prompt plain-harmful verdicts (`safety_verdicts`) for paired tests between rows."""
+    """A suite report's numbers for the table: its summary, the headline budget's masked rates under
+    budget-free names (with intervals), and the per-prompt plain-harmful verdicts
+    (`safety_verdicts`) for paired tests between rows."""
     row = dict(evaluation["summary"])
     for old_name in ("attack_success", "degenerate_rate"):  # reports before issue 14
         if f"routing_search_{old_name}" in row:
             row.setdefault(f"layer_route_search_{old_name}", row[f"routing_search_{old_name}"])
-    targeted = {int(n): rate for n, rate in evaluation["masking"]["targeted"].items()}
-    rates = evaluation.get("rates", {})
-    for n in (4, 6, 8):
-        row[f"top{n}_mask_safety_rate"] = targeted.get(n)
-        if f"top{n}_mask" in rates:
-            row[f"top{n}_mask_safety_rate_ci"] = rates[f"top{n}_mask"]["refused_rate"]["interval"]
-    plain = evaluation.get("verdicts", {}).get("plain")
+    n = evaluation.get("settings", {}).get("headline_mask", 6)
+    row["headline_mask"] = n
+    for kind in ("top", "random"):
+        row[f"headline_{kind}_mask_safety_rate"] = row.get(f"{kind}{n}_mask_safety_rate")
+        row[f"headline_{kind}_mask_safety_rate_ci"] = row.get(f"{kind}{n}_mask_safety_rate_ci")
+    verdicts = evaluation.get("verdicts", {})
+    plain = verdicts.get("plain")
     if plain:
         row["safety_verdicts"] = plain["verdicts"]
+        # Per-prompt verdicts at every top-N budget, for paired tests of N50 (alignment.claims).
+        budgets = evaluation.get("masking", {}).get("targeted", {})
+        masked = {str(b): verdicts[f"top{b}_mask"]["verdicts"] for b in budgets if f"top{b}_mask" in verdicts}
+        if masked:
+            row["masking"] = {"plain": plain["verdicts"], "verdicts": masked}
+    general = verdicts.get("general_accuracy", {}).get("correct")
+    if general:
+        row["general_correct"] = general
     return row
+
+
+def _header(rows, extra_keys: list[str]) -> list[str]:
+    budgets = {row.get("headline_mask") for row in rows if row.get("headline_mask")}
+    n = str(budgets.pop()) if len(budgets) == 1 else "N"
+    labels = [label.replace("-N masked", f"-{n} masked") for _, label in TABLE_COLUMNS]
+    return ["model"] + [label + " (%)" for label in labels] + ["eff. safety experts"] + extra_keys
 
 
 def paired_safety_test(base: dict, other: dict) -> dict | None:
@@ -80,7 +96,7 @@ def results_table(rows: dict[str, dict], extra: dict[str, dict] | None = None) -
     brackets where the suite report has one), plus `extra` columns."""
     extra = extra or {}
     extra_keys = list(dict.fromkeys(k for v in extra.values() for k in v))
-    header = ["model"] + [label + " (%)" for _, label in TABLE_COLUMNS] + ["eff. safety experts"] + extra_keys
+    header = _header(rows.values(), extra_keys)
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, row in rows.items():
         cells = [name] + [_pct(row.get(key), row.get(f"{key}_ci")) for key, _ in TABLE_COLUMNS]
@@ -122,12 +138,13 @@ def _mean_sd_cell(entry: dict, scale: float, digits: int) -> str:
     return cell if entry["sd"] is None else f"{cell} ± {scale * entry['sd']:.{digits}f}"
 
 
-def mean_sd_table(aggregate: dict[str, dict[str, dict]], extra: dict[str, dict] | None = None) -> str:
+def mean_sd_table(aggregate: dict[str, dict[str, dict]], extra: dict[str, dict] | None = None,
+                  headline: int | None = None) -> str:
     """Markdown table of :func:`aggregate_rows`: mean ± sd over seeds per row, rates in percent,
-    plus `extra` columns (already formatted)."""
+    plus `extra` columns (already formatted); `headline`: the masking budget of the masked columns."""
     extra = extra or {}
     extra_keys = list(dict.fromkeys(k for v in extra.values() for k in v))
-    header = ["model"] + [label + " (%)" for _, label in TABLE_COLUMNS] + ["eff. safety experts"] + extra_keys
+    header = _header([{"headline_mask": headline}] if headline else [], extra_keys)
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, entries in aggregate.items():
         cells = [name] + [_mean_sd_cell(entries[key], 100, 1) for key, _ in TABLE_COLUMNS]

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 from alignment.allocation import allocate  # noqa: E402
-from alignment.config import AlignmentConfig, load_config  # noqa: E402
+from alignment.config import AlignmentConfig, load_config, with_settings  # noqa: E402
 from alignment.data import AlignmentData, DataError, load_alignment_data  # noqa: E402
 from moe_routing.architectures import UnsupportedArchitectureError  # noqa: E402
 from moe_routing.ray_cluster import RayClusterError, init_ray  # noqa: E402
@@ -45,12 +45,13 @@ def _digest(value) -> str:
 
 def resolve_model(config: AlignmentConfig) -> str:
     """The checkpoint to align (`organism.checkpoint.resolve_checkpoint`): the organism of
-    `organism_seed` (built and cached on first use), a directory, or a hub id. Fails early, before
-    any Ray work, for a missing directory or an unsupported architecture."""
+    `organism_preset` and `organism_seed` (built and cached on first use), a directory, or a hub
+    id. Fails early, before any Ray work, for a missing directory or an unsupported architecture."""
     from organism.checkpoint import resolve_checkpoint
 
     try:
-        return resolve_checkpoint(config.model, log=log, organism_seed=config.organism_seed)
+        return resolve_checkpoint(config.model, log=log, organism_seed=config.organism_seed,
+                                  organism_preset=config.organism_preset)
     except UnsupportedArchitectureError:
         raise
     except ValueError as error:
@@ -190,9 +191,10 @@ def run(config: AlignmentConfig) -> dict:
     timings: dict[str, float] = {}
     out = Path(config.output_dir).resolve()
     checkpoint = resolve_model(config)
-    # organism_seed is left out: the checkpoint path (organism-<config hash>) already names it, and
-    # runs from before the key existed keep resuming.
-    _check_output_dir(out, {"config": config.model_dump(exclude={"evaluation", "organism_seed"}),
+    # organism_seed and organism_preset are left out: the checkpoint path (organism-<config hash>)
+    # already names them, and runs from before those keys existed keep resuming.
+    named_by_checkpoint = {"evaluation", "organism_seed", "organism_preset"}
+    _check_output_dir(out, {"config": config.model_dump(exclude=named_by_checkpoint),
                             "checkpoint": checkpoint})
     (out / "config.json").write_text(config.model_dump_json(indent=1))
     log(f"[align] method {config.training.method}; model {checkpoint}; output {out}")
@@ -329,10 +331,13 @@ def main(argv=None) -> int:
     parser.add_argument("--output-dir", help="override output_dir")
     parser.add_argument("--method", help="override training.method (one of alignment.methods.METHODS: "
                         "mesa, mesa_paper, sft_all, router_only, safex, lora)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. --set training.steps=50 or "
+                        "--set evaluation.suite.split=validation (repeatable)")
     args = parser.parse_args(argv)
 
     def job():
-        config = load_config(args.config)
+        config = with_settings(load_config(args.config), args.set)
         overrides = {"output_dir": args.output_dir} if args.output_dir else {}
         if args.method:
             overrides["training"] = config.training.model_dump() | {"method": args.method}

@@ -1,6 +1,7 @@
 """Checkpoint names, resolved the same way by every command: ``organism`` | a directory | a hub id.
 
-- ``organism``: the model organism for ``organism_seed`` (built and cached on first use);
+- ``organism``: the model organism of ``organism_preset`` (coarse, fine) for ``organism_seed``
+  (built and cached on first use);
 - a directory: it must exist and hold ``config.json`` (its absolute path is returned);
 - anything else that does not look like a path: a hub id, passed on unchanged.
 
@@ -28,7 +29,8 @@ def _print(message: str) -> None:
 
 
 def resolve_checkpoint(
-    name: str, log=_print, *, organism_seed: int = 0, check_architecture: bool = True
+    name: str, log=_print, *, organism_seed: int = 0, organism_preset: str = "coarse",
+    check_architecture: bool = True,
 ) -> str:
     """The checkpoint directory or hub id `name` stands for (see the module docstring).
 
@@ -36,9 +38,9 @@ def resolve_checkpoint(
     config; ``UnsupportedArchitectureError`` (a ValueError) for an architecture the routing core
     cannot instrument."""
     if name == ORGANISM:
-        from organism.build import OrganismConfig, ensure_organism
+        from organism.build import ensure_organism, preset_config
 
-        return str(ensure_organism(OrganismConfig(seed=organism_seed), log=log))
+        return str(ensure_organism(preset_config(organism_preset, seed=organism_seed), log=log))
     target = locate_checkpoint(name)
     if check_architecture:
         _check_architecture(target)

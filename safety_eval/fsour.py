@@ -309,7 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = settings.fsour.candidates or [10, 100]
         judge = build_judge(settings.judge)
         model, tokenizer = load_checkpoint(args.checkpoint, dtype=torch.float32)
-        harmful = EvalSets.for_checkpoint(args.checkpoint, seed=settings.seed).harmful
+        harmful = EvalSets.for_checkpoint(args.checkpoint, seed=settings.seed, split=settings.split).harmful
         index = draw_prompts(harmful, settings.fsour.max_prompts, settings.seed)
         prompts = [harmful[i] for i in index]
         generator = HFChatGenerator(model, tokenizer, batch_size=settings.batch_size)

@@ -76,6 +76,15 @@ def markdown(report: dict) -> str:
             f"{_n50(robustness['top'], robustness)}, random {_n50(robustness['random'], robustness)}.",
             "",
         ]
+    ablation = report.get("ablation")
+    if ablation:
+        top = ", ".join(f"({p['layer']}, {p['expert']}) {p['drop']:.2f}" for p in ablation["top_pairs"][:5])
+        lines[-2:-2] = [
+            f"**Effective refusal experts** (each pair masked alone on {len(ablation['prompt_index'])} "
+            f"refused prompts; exp(entropy) of the drop in log p of the first {ablation['answer_tokens']} "
+            f"refusal tokens): {ablation['effective_refusal_experts']}; largest drops (nats): {top}.",
+            "",
+        ]
     lines.append(_three_way_row("Safety Rate (held-out harmful)", rates.get("plain"), s["safety_rate"]))
     if "jailbreak_safety_rate" in s:
         lines.append(

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -53,6 +54,9 @@ class SuiteSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     seed: int = 0
+    # Which held-out prompts are measured: `test` for reported figures; `validation` for choosing
+    # anything (a method's settings, a threshold) so the test prompts stay unseen until the end.
+    split: Literal["test", "validation"] = "test"
     max_new_tokens: int = Field(24, ge=1)
     batch_size: int = Field(128, ge=1)
     limit: int | None = Field(None, ge=1)  # first N prompts of each set (quick runs)
@@ -64,6 +68,12 @@ class SuiteSettings(BaseModel):
     headline_mask: int = Field(6, ge=1)  # the N reported as "top-N masking"
     scale_factors: list[float] = Field(default_factory=lambda: [0.5, 1.5])
     identification_prompts: int = Field(256, ge=8)  # per side, from the training side of the splits
+    # Refusal ablation (`safety_eval.ablation`): this many refused harmful prompts, each pair masked
+    # alone, the drop in log p of the first `ablation_answer_tokens` tokens of the model's own
+    # refusal; gives the effective number of refusal experts. L * E teacher-forced passes over
+    # the prompts (a transformers model); 0 turns it off (real models: 6,144 pairs).
+    ablation_prompts: int = Field(64, ge=0)
+    ablation_answer_tokens: int = Field(8, ge=1)
     n_bootstrap: int = Field(50, ge=0)
     layer_route_search: SearchSettings = SearchSettings()  # ours (was `routing_search`)
     fsour: FSourSuiteSettings = FSourSuiteSettings()
@@ -81,9 +91,11 @@ class SuiteSettings(BaseModel):
         return data
 
     @property
-    def runs_searches(self) -> bool:
-        """Whether a forced-route search runs (they need a transformers model)."""
-        return self.layer_route_search.max_prompts > 0 or bool(self.fsour.candidates)
+    def needs_transformers(self) -> bool:
+        """Whether a phase runs that needs a transformers model whatever the engine: the
+        forced-route searches and the refusal ablation."""
+        searches = self.layer_route_search.max_prompts > 0 or bool(self.fsour.candidates)
+        return searches or self.ablation_prompts > 0
 
     @property
     def routing_search(self) -> SearchSettings:

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from moe_routing.architectures import UnsupportedArchitectureError
 from moe_routing.profiler import load_checkpoint
 from moe_routing.stats import budget_count, concentration, effective_safety_experts, expert_frequency
+from safety_eval.ablation import effective_refusal_experts, refusal_drops
 from safety_eval.attacks import (
     LayerRouteSearch,
     RoutingScale,
@@ -52,7 +53,7 @@ from safety_eval.harness import EvalSets, evaluate, refusal_rate
 from safety_eval.judge import JudgeError, build_judge, judge_line, judge_report
 from safety_eval.settings import SuiteSettings, load_settings
 from safety_eval.stats import rate_entry, verdict_rates
-from safety_eval.verdicts import COMPLIED
+from safety_eval.verdicts import COMPLIED, REFUSED
 
 
 def identification_prompts(settings: SuiteSettings, held_out: EvalSets) -> tuple[list[str], list[str]]:
@@ -108,14 +109,14 @@ def run_suite(
     judge_entry = judge_report(judge_settings, judge)
     log(f"[eval] {judge_line(judge_entry)}")
     route = settings.layer_route_search
-    if model is None and (generator is None or settings.runs_searches):
+    if model is None and (generator is None or settings.needs_transformers):
         model, tokenizer = load_checkpoint(checkpoint, dtype=torch.float32)
     hf_generator = None
     if model is not None:
         hf_generator = HFChatGenerator(model, tokenizer, batch_size=settings.batch_size)
     generator = generator or hf_generator
     moe = generator.shape
-    held_out = EvalSets.for_checkpoint(checkpoint, seed=settings.seed)
+    held_out = EvalSets.for_checkpoint(checkpoint, seed=settings.seed, split=settings.split)
     sets = held_out.subsample(settings.limit)
     options = {"max_new_tokens": settings.max_new_tokens}
     timings: dict[str, float] = {}
@@ -184,6 +185,12 @@ def run_suite(
             for where in ("global", "safety_experts")
         },
     )
+    ablation = None
+    refused = [i for i, v in enumerate(verdicts["plain"]) if v == REFUSED][: settings.ablation_prompts]
+    if refused:
+        ablation = timed("ablation", lambda: refusal_ablation_entry(
+            hf_generator, [sets.harmful[i] for i in refused],
+            [plain.safety_rate.samples[i]["answer"] for i in refused], settings, refused))
     search = LayerRouteSearch(route.target, route.candidates_per_layer, route.sweeps, settings.seed)
     search_prompts = sets.harmful[: route.max_prompts]
     success, search_results = 0.0, []
@@ -287,6 +294,7 @@ def run_suite(
                             "fractions": {str(f): c for f, c in fraction_counts.items()},
                             "total_pairs": total_pairs},
         "n50": robustness,
+        "ablation": ablation,
         "layer_route_search": _search_entry(search, search_prompts, success, search_results),
         "fsour": {str(n_candidates): fsour_entry(fs, fsour_prompts, fsour_index, results)
                   for n_candidates, (fs, results) in fsour_runs.items()},
@@ -336,6 +344,24 @@ def _search_entry(search: LayerRouteSearch, prompts: list[str], success: float, 
     }
 
 
+def refusal_ablation_entry(generator: HFChatGenerator, prompts: list[str], answers: list[str],
+                           settings: SuiteSettings, index: list[int]) -> dict:
+    """The report's `ablation` entry: per-pair refusal drops (`safety_eval.ablation`) on the
+    refused prompts `index` of the harmful set, and the effective number of refusal experts."""
+    drops = refusal_drops(generator.model, generator.tokenizer, prompts, answers,
+                          answer_tokens=settings.ablation_answer_tokens, batch_size=settings.batch_size)
+    order = np.argsort(-drops, axis=None)[:10]
+    value = effective_refusal_experts(drops)
+    return {
+        "prompt_index": index,
+        "answer_tokens": settings.ablation_answer_tokens,
+        "effective_refusal_experts": None if value is None else round(value, 3),
+        "drops": drops.round(4).tolist(),
+        "top_pairs": [{"layer": int(i // drops.shape[1]), "expert": int(i % drops.shape[1]),
+                       "drop": round(float(drops.flat[i]), 4)} for i in order],
+    }
+
+
 def summary(report: dict) -> dict:
     """The headline row of a report (what tables compare across models)."""
     n = report["settings"]["headline_mask"]
@@ -370,6 +396,7 @@ def summary(report: dict) -> dict:
     routing = report["routing"]
     risk = np.asarray(routing["harmful_frequency"]) - np.asarray(routing["benign_frequency"])
     out["effective_safety_experts"] = round(effective_safety_experts(risk), 3)
+    out["effective_refusal_experts"] = (report.get("ablation") or {}).get("effective_refusal_experts")
     if "jailbreak_safety_rate" in plain:
         out["jailbreak_safety_rate"] = plain["jailbreak_safety_rate"]["rate"]
     out.update({f"scale_{k}_safety_rate": v for k, v in report["routing_scale"].items()})

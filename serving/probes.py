@@ -38,6 +38,7 @@ PROBE_SUITE_DEFAULTS = {
     "mask_counts": [6], "mask_fractions": [], "headline_mask": 6,
     "layer_route_search": {"max_prompts": 20},
     "fsour": {"candidates": [], "max_prompts": 2},
+    "ablation_prompts": 0,  # a report figure for alignment, not a live probe (needs transformers)
 }
 
 
@@ -186,7 +187,7 @@ class ProbeRunner:
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        if self.model is None and (self.generator is None or self.settings.runs_searches):
+        if self.model is None and (self.generator is None or self.settings.needs_transformers):
             device = "cuda" if torch.cuda.is_available() else "cpu"
             self.model, self.tokenizer = load_checkpoint(
                 self.checkpoint, device=device, dtype=torch.float32 if device == "cpu" else "auto")

@@ -14,10 +14,12 @@ def _suite_report(verdicts: list[str]) -> dict:
     share = rates["plain"]["refused_rate"]
     return {
         "summary": {"safety_rate": share["rate"], "safety_rate_ci": share["interval"],
+                    "top6_mask_safety_rate": rates["top6_mask"]["refused_rate"]["rate"],
+                    "top6_mask_safety_rate_ci": rates["top6_mask"]["refused_rate"]["interval"],
                     "fsour_attack_success": 0.5, "fsour_degenerate_rate": 0.25,
                     "routing_search_attack_success": 0.75, "n50_top_fraction": 0.1,
                     "effective_safety_experts": 3.0},
-        "masking": {"targeted": {"6": rates["top6_mask"]["refused_rate"]["rate"]}},
+        "settings": {"headline_mask": 6},
         "rates": rates,
         "verdicts": {"plain": {"set": "harmful", "prompt_index": list(range(len(verdicts))),
                                "verdicts": verdicts}},
@@ -29,8 +31,10 @@ def test_alignment_table_shows_intervals_and_paired_test():
     aligned = ["refused"] * 9 + ["complied"]
     rows = {"base": table_row(_suite_report(base)), "aligned": table_row(_suite_report(aligned))}
     assert rows["base"]["safety_verdicts"] == base
-    assert rows["base"]["top6_mask_safety_rate_ci"] == verdict_rates(base[::-1])["refused_rate"]["interval"]
+    interval = verdict_rates(base[::-1])["refused_rate"]["interval"]
+    assert rows["base"]["headline_top_mask_safety_rate_ci"] == interval
     table = results_table(rows)
+    assert "SR top-6 masked (%)" in table and f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" in table
     low, high = rows["base"]["safety_rate_ci"]
     assert f"| base | 30.0 [{100 * low:.1f}, {100 * high:.1f}] |" in table
     assert "F-SOUR degenerate (%)" in table and "| 25.0 |" in table
