@@ -35,6 +35,15 @@ TABLE_COLUMNS = (
 )
 
 
+# Counts beside the rates: how many (layer, expert) pairs safety is spread over, by the routing
+# (exp(entropy) of the positive harmful-minus-benign routing frequency) and by the refusals
+# themselves (`safety_eval.ablation`: exp(entropy) of each pair's single-mask refusal drop).
+COUNT_COLUMNS = (
+    ("effective_safety_experts", "eff. safety experts (routing)"),
+    ("effective_refusal_experts", "eff. refusal experts (ablation)"),
+)
+
+
 def table_row(evaluation: dict) -> dict:
     """A suite report's numbers for the table: its summary, the headline budget's masked rates under
     budget-free names (with intervals), and the per-prompt plain-harmful verdicts
@@ -67,7 +76,8 @@ def _header(rows, extra_keys: list[str]) -> list[str]:
     budgets = {row.get("headline_mask") for row in rows if row.get("headline_mask")}
     n = str(budgets.pop()) if len(budgets) == 1 else "N"
     labels = [label.replace("-N masked", f"-{n} masked") for _, label in TABLE_COLUMNS]
-    return ["model"] + [label + " (%)" for label in labels] + ["eff. safety experts"] + extra_keys
+    counts = [label for _, label in COUNT_COLUMNS]
+    return ["model"] + [label + " (%)" for label in labels] + counts + extra_keys
 
 
 def paired_safety_test(base: dict, other: dict) -> dict | None:
@@ -100,14 +110,14 @@ def results_table(rows: dict[str, dict], extra: dict[str, dict] | None = None) -
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, row in rows.items():
         cells = [name] + [_pct(row.get(key), row.get(f"{key}_ci")) for key, _ in TABLE_COLUMNS]
-        cells.append(f"{row.get('effective_safety_experts', float('nan')):.2f}")
+        cells += ["n/a" if row.get(key) is None else f"{row[key]:.2f}" for key, _ in COUNT_COLUMNS]
         cells += [str(extra.get(name, {}).get(k, "")) for k in extra_keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 # Numbers aggregated over seeds: every rate column plus the effective number of safety experts.
-AGGREGATE_KEYS = tuple(key for key, _ in TABLE_COLUMNS) + ("effective_safety_experts",)
+AGGREGATE_KEYS = tuple(key for key, _ in TABLE_COLUMNS + COUNT_COLUMNS)
 
 
 def mean_sd(values) -> dict:
@@ -148,7 +158,7 @@ def mean_sd_table(aggregate: dict[str, dict[str, dict]], extra: dict[str, dict] 
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name, entries in aggregate.items():
         cells = [name] + [_mean_sd_cell(entries[key], 100, 1) for key, _ in TABLE_COLUMNS]
-        cells.append(_mean_sd_cell(entries["effective_safety_experts"], 1, 2))
+        cells += [_mean_sd_cell(entries[key], 1, 2) for key, _ in COUNT_COLUMNS]
         cells += [str(extra.get(name, {}).get(k, "")) for k in extra_keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
