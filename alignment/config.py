@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from alignment.allocation import AllocationSettings
 from alignment.methods import METHODS, apply_settings
+from alignment.sharding import check_sharding
 from moe_routing.config import load_yaml_config
 from safety_eval.settings import SuiteSettings  # light (no torch), unlike safety_eval.suite
 
@@ -61,8 +62,10 @@ class TrainingConfig(BaseModel):
     router_eps: float = Field(1.0, gt=0)  # transport: entropic regularisation of the token plan
     # Forced routes [ours]: with this probability a step trains the harmful rows under routes
     # forced onto random k-subsets of each layer's safety set, so every member learns to refuse
-    # on its own, not only in its usual company. 0 = off.
-    forced_routes: float = Field(0.5, ge=0, le=1)
+    # on its own, not only in its usual company. 0 = off. 0.25 was chosen on the fine organism's
+    # validation prompts: at 0.5 mesa kept less of the plain Safety Rate (README, How the settings
+    # were chosen).
+    forced_routes: float = Field(0.25, ge=0, le=1)
     # Masking augmentation [ours, not in the paper]: with this probability a step trains under a
     # mask of the currently most safety-critical pairs (N uniform in 1..mask_max), the attack the
     # model must survive. 0 = off (paper MESA).
@@ -75,6 +78,10 @@ class TrainingConfig(BaseModel):
     checkpoint_every: int = Field(25, ge=1)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
+    # none: every worker holds the whole model (DDP). fsdp: the frozen weights are sharded over
+    # the workers (FSDP2), what trains stays replicated (alignment/sharding.py; README, Data parallel).
+    sharding: Literal["none", "fsdp"] = "none"
+    memory_check: bool = True  # refuse before training when the memory estimate does not fit
     dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int | None = Field(None, ge=1)  # torch threads per worker (default: torch's choice)
 
@@ -142,6 +149,7 @@ class AlignmentConfig(BaseModel):
         if training.batch_size % training.num_workers:
             raise ValueError(f"training.batch_size {training.batch_size} is the global batch: it must be "
                              f"divisible by training.num_workers {training.num_workers}")
+        check_sharding(training.method, training.sharding, training.num_workers)
         return self
 
 

@@ -410,10 +410,10 @@ def test_ablation_rows_switch_one_part_back():
     parts = {row: (c.training.method, c.allocation.selection, c.training.router_target,
                    c.training.forced_routes, c.training.mask_augmentation) for row, c in rows.items()}
     assert parts == {
-        "mesa": ("mesa", "coverage", "transport", 0.5, 0.0),
+        "mesa": ("mesa", "coverage", "transport", 0.25, 0.0),
         "mesa_paper": ("mesa_paper", "top_w", "tilt", 0.0, 0.0),
-        "mesa_no_coverage": ("mesa", "top_w", "transport", 0.5, 0.0),
-        "mesa_no_transport": ("mesa", "coverage", "tilt", 0.5, 0.0),
+        "mesa_no_coverage": ("mesa", "top_w", "transport", 0.25, 0.0),
+        "mesa_no_transport": ("mesa", "coverage", "tilt", 0.25, 0.0),
         "mesa_no_forced+mask": ("mesa", "coverage", "transport", 0.0, 0.5),
     }
     assert rows["mesa_no_forced+mask"].output_dir.endswith("mesa_no_forced-mask")
