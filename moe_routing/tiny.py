@@ -85,8 +85,10 @@ def tiny_config(architecture: str, vocab_size: int, **overrides):
 
 
 def tiny_model(architecture: str, *, seed: int = 0, router_std: float = 1.0,
-               vocab_size: int | None = None, **overrides) -> PreTrainedModel:
-    """A random tiny causal LM of the given architecture, in eval mode, float32.
+               vocab_size: int | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", **overrides) -> PreTrainedModel:
+    """A random causal LM of the given architecture, in eval mode: tiny unless `overrides` give
+    it other shapes (a real model's layers: `benchmarks/gpu_check.py`, built on `device`).
 
     Router weights are re-drawn with ``router_std`` so routing is decisive (the default 0.02
     init makes every token's router probabilities nearly uniform).
@@ -95,7 +97,8 @@ def tiny_model(architecture: str, *, seed: int = 0, router_std: float = 1.0,
         vocab_size = len(byte_tokenizer())
     config = tiny_config(architecture, vocab_size, **overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -105,9 +108,16 @@ def tiny_model(architecture: str, *, seed: int = 0, router_std: float = 1.0,
     return model.eval()
 
 
-def save_tiny_checkpoint(architecture: str, path: str | Path, *, seed: int = 0, **overrides) -> Path:
-    """Write a tiny model and its tokenizer as an ordinary HF checkpoint directory."""
+def save_tiny_checkpoint(architecture: str, path: str | Path, *, seed: int = 0, manifest: bool = False,
+                         **overrides) -> Path:
+    """Write a tiny model and its tokenizer as an ordinary HF checkpoint directory (`manifest`:
+    with its routing manifest, `moe_routing.fingerprint`, for the gateway's integrity check)."""
     path = Path(path)
-    tiny_model(architecture, seed=seed, **overrides).save_pretrained(path)
+    model = tiny_model(architecture, seed=seed, **overrides)
+    model.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
+    if manifest:
+        from moe_routing.fingerprint import write_manifest
+
+        write_manifest(model, path)
     return path

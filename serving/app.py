@@ -19,6 +19,7 @@ deployment that owns the engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -75,7 +76,13 @@ from serving.protocol import (
     usage_tokens,
 )
 from serving.routes import create_app
-from serving.routing_worker import TRACK_MARKER, WORKER_EXTENSION, tracked_key
+from serving.routing_worker import (
+    TRACK_MARKER,
+    WORKER_EXTENSION,
+    configure_engine,
+    engine_environment,
+    tracked_key,
+)
 from serving.telemetry import (
     RoutingProfile,
     RoutingShape,
@@ -142,13 +149,16 @@ class Gateway:
         telemetry = self.config.telemetry
         # The extension also computes the integrity fingerprint, so it is there even without telemetry.
         engine_args.worker_extension_cls = WORKER_EXTENSION
+        compiled = telemetry.enabled and telemetry.compiled
         if telemetry.enabled:
-            if not engine_args.enforce_eager:
-                logger.warning("routing telemetry needs eager mode: setting enforce_eager=True")
-            engine_args.enforce_eager = True
+            if not compiled and not engine_args.enforce_eager:
+                logger.warning("routing telemetry on an eager engine (telemetry.compiled: false): "
+                               "setting enforce_eager=True")
             if engine_args.pipeline_parallel_size != 1:
                 raise ValueError("routing telemetry does not support pipeline parallelism")
-        self.engine = AsyncLLM.from_engine_args(engine_args)
+            configure_engine(engine_args, compiled=compiled)
+        with engine_environment(compiled) if telemetry.enabled else contextlib.nullcontext():
+            self.engine = AsyncLLM.from_engine_args(engine_args)
         self._peek_routing = self._batched("routing_peek_requests")
         self._pop_routing = self._batched("routing_pop_requests")
         guard = self.config.guard
@@ -185,8 +195,9 @@ class Gateway:
         self._probe_poller = None
         if probe_runner is not None:
             self._probe_poller = asyncio.get_running_loop().create_task(self._poll_probes())
+        mode = ("on, compiled engine" if compiled else "on, eager engine") if telemetry.enabled else "off"
         logger.info("gateway ready: model %s (%s), telemetry %s, probes %s", self.name, settings.checkpoint,
-                    "on" if telemetry.enabled else "off", "on" if probe_runner is not None else "off")
+                    mode, "on" if probe_runner is not None else "off")
 
     def __serve_build_asgi_app__(self):
         return self.http_app

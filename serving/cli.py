@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     for application, settings in built:
         name = application.get("name", "default")
         route = application.get("route_prefix", "/")
-        print(f"[serve] starting {name} at {route} (engine start takes ~40 s on CPU)", flush=True)
+        compiling = settings.config.telemetry.enabled and settings.config.telemetry.compiled
+        print(f"[serve] starting {name} at {route} (engine start takes ~40 s on CPU"
+              + (", plus the model's compilation)" if compiling else ")"), flush=True)
         try:
             serve.run(gateway_application(settings), name=name, route_prefix=route, blocking=False)
         except RuntimeError as error:  # the replica failed to start; Serve logged its traceback

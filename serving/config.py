@@ -20,7 +20,9 @@ from serving.protocol import digest_key_id, key_digest
 
 # What the CPU organism needs on this machine (README, Engines); real-model configs override.
 DEFAULT_ENGINE = {
-    "enforce_eager": True,  # Python-side routing hooks run only in eager mode
+    # Routing hooks added to a running engine run only in eager mode; `telemetry.compiled`
+    # installs them before vLLM compiles the model and turns this default off.
+    "enforce_eager": True,
     "gpu_memory_utilization": 0.3,  # on CPU: the share of memory reserved for the KV cache
     "max_model_len": 1024,
     "seed": 0,
@@ -39,6 +41,10 @@ class ProfileFiles(BaseModel):
 class TelemetryConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
+    # Count routing inside vLLM's compiled engine (torch.compile; CUDA graphs on GPU): the hooks
+    # are installed when the worker loads the model, before compilation, and enforce_eager
+    # defaults to false. Off: the engine runs eager (README, Serving: the gateway).
+    compiled: bool = False
     poll_interval_s: float = Field(1.0, gt=0, le=60)  # how often counts are pulled from the engine
     window_s: float = Field(60.0, gt=0)  # sliding window of the concentration gauges
     # Concentration's top_share is the share of the load on this many most-loaded experts per
@@ -224,8 +230,24 @@ class GatewayConfig(BaseModel):
                              "that receives it)")
         return self
 
+    @model_validator(mode="after")
+    def _compiled_telemetry_is_consistent(self) -> GatewayConfig:
+        if not self.telemetry.compiled:
+            return self
+        if not self.telemetry.enabled:
+            raise ValueError("telemetry.compiled counts routing in a compiled engine: it needs "
+                             "telemetry.enabled: true")
+        if self.engine.get("enforce_eager"):
+            raise ValueError("telemetry.compiled runs the compiled engine: remove engine.enforce_eager: true "
+                             "(or set telemetry.compiled: false)")
+        if self.engine.get("worker_cls", "auto") != "auto":
+            raise ValueError("telemetry.compiled starts the engine with the routing worker class: remove "
+                             "engine.worker_cls")
+        return self
+
     def engine_options(self) -> dict:
-        return DEFAULT_ENGINE | self.engine
+        compiled = {"enforce_eager": False} if self.telemetry.enabled and self.telemetry.compiled else {}
+        return DEFAULT_ENGINE | compiled | self.engine
 
 
 def _check_engine_options(engine: dict) -> dict:

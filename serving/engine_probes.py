@@ -9,7 +9,12 @@ carries the routing worker extension (`serving.routing_worker.RoutingRecorder`):
 - `attacked(attack)`: an expert mask or routing scale of `safety_eval.attacks`, applied inside
   this engine by the worker extension (`routing_set_attack`) and removed on exit;
 - `profile(prompts)`: each prompt's routing, counted by the extension on its prompt tokens
-  (one generated token each), as `moe_routing.stats.RoutingCounts`.
+  (one generated token each), as `moe_routing.stats.RoutingCounts`;
+- `routed_generate` / `routing_snapshot`: answers with each request's routing counts, and the
+  engine's cumulative counts (tests, benchmarks).
+
+The engine runs eager unless `compiled` (the worker installs its hooks before vLLM compiles the
+model: `serving.routing_worker.configure_engine`).
 
 The suite's forced-route searches (layer route search, F-SOUR) need a transformers model; the
 probe replica loads one only when they are asked for.
@@ -28,13 +33,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from moe_routing.chat import chat_prompt_ids
-from serving.routing_worker import TRACK_MARKER, WORKER_EXTENSION
+from serving.routing_worker import TRACK_MARKER, configure_engine, engine_environment
 
-# A probe engine: eager (the hooks), no prefix cache (a cached prompt token would not be routed,
-# and the identification profile counts every prompt token), the model's own context length
-# (jailbreak templates are long), float32 as the transformers probes on a CPU.
+# A probe engine: eager unless asked (a compiled engine's start costs a compilation, ~40 s more
+# on the CPU organism, for a suite of a few minutes), no prefix cache (a cached prompt token would
+# not be routed, and the identification profile counts every prompt token), the model's own
+# context length (jailbreak templates are long), float32 as the transformers probes on a CPU.
 PROBE_ENGINE = {
-    "enforce_eager": True,
     "enable_prefix_caching": False,
     "gpu_memory_utilization": 0.15,
     "seed": 0,
@@ -63,31 +68,37 @@ class EngineChatGenerator:
         self._own_loop: threading.Thread | None = None
 
     @classmethod
-    async def create(cls, checkpoint: str, *, engine_options: dict | None = None) -> EngineChatGenerator:
+    async def create(cls, checkpoint: str, *, engine_options: dict | None = None,
+                     compiled: bool = False) -> EngineChatGenerator:
         """An engine for `checkpoint` on the running loop; the generator's methods are then
-        called from other threads (the suite runs in a worker thread)."""
+        called from other threads (the suite runs in a worker thread). `compiled`: vLLM's
+        compiled engine with the hooks installed before compilation (else eager)."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from moe_routing.architectures import check_supported
 
         options = PROBE_ENGINE | (engine_options or {})
-        options["enforce_eager"] = True  # the worker extension's hooks run in eager mode only
-        args = AsyncEngineArgs(model=checkpoint, worker_extension_cls=WORKER_EXTENSION, **options)
-        engine = AsyncLLM.from_engine_args(args)
+        if compiled and options.get("enforce_eager"):
+            raise ValueError("a compiled probe engine cannot have enforce_eager: true")
+        args = AsyncEngineArgs(model=checkpoint, **options)
+        configure_engine(args, compiled=compiled)
+        with engine_environment(compiled):
+            engine = AsyncLLM.from_engine_args(args)
         shape = (await engine.collective_rpc("routing_install"))[0]
         architecture = check_supported(engine.model_config.hf_config)
         shape = EngineShape(architecture, shape["num_layers"], shape["num_experts"], shape["top_k"])
         return cls(engine, asyncio.get_running_loop(), shape)
 
     @classmethod
-    def start(cls, checkpoint: str, *, engine_options: dict | None = None) -> EngineChatGenerator:
+    def start(cls, checkpoint: str, *, engine_options: dict | None = None,
+              compiled: bool = False) -> EngineChatGenerator:
         """An engine on an event loop in a thread of its own (scripts, benchmarks, tests)."""
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name="probe-engine-loop", daemon=True)
         thread.start()
         generator = asyncio.run_coroutine_threadsafe(
-            cls.create(checkpoint, engine_options=engine_options), loop).result()
+            cls.create(checkpoint, engine_options=engine_options, compiled=compiled), loop).result()
         generator._own_loop = thread
         return generator
 
@@ -144,6 +155,23 @@ class EngineChatGenerator:
                 tokens = tokens[: tokens.index(eos)]
             answers.append(self.tokenizer.decode(tokens, skip_special_tokens=True).strip())
         return answers
+
+    def routed_generate(self, prompts: Sequence[str], *,
+                        max_new_tokens: int = 32) -> list[tuple[list[int], dict]]:
+        """Greedy generation with each request's routing: per prompt, the generated token ids
+        and the worker's counts {"prompt": [L][E], "generated": [L][E]}."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False)
+        keys, outputs = self._run(prompts, params, tracked=True)
+        counts = self._call(self.engine.collective_rpc("routing_pop_requests", args=(keys,)))[0]
+        if any(c is None for c in counts):
+            raise RuntimeError("the engine kept no routing for some of the requests")
+        return [(list(o.outputs[0].token_ids), c) for o, c in zip(outputs, counts)]
+
+    def routing_snapshot(self) -> dict:
+        """The worker's cumulative counts: hits [2][L][E] (prompt, generated) and token totals."""
+        return self._call(self.engine.collective_rpc("routing_snapshot"))[0]
 
     @contextlib.contextmanager
     def attacked(self, attack):

@@ -8,16 +8,25 @@ the selections into one count buffer on the model's device:
 
     hits[phase, layer, expert]   phase 0 = prompt tokens, 1 = generated tokens, 2 = discarded
 
-The phase of each token is computed once per engine step from the scheduler's batch (a token is
-a prompt token when its position is below its request's prompt length), copied to the device
-once, and used by every layer's hook: no host sync per layer. Requests whose id contains
-`TRACK_MARKER` also get a per-request slot in one buffer, `request_hits[slot, phase, layer,
-expert]` (prompt and generated tokens), filled by one more scatter per step whatever the number
-of requests: the gateway tracks every request this way for its routing risk score and the
-opt-in routing summary.
+Every buffer the hooks touch is allocated once and only ever written in place, so the hooks work
+the same in eager mode, traced into a torch.compile graph, or captured in a CUDA graph (static
+addresses). Before each engine step the worker writes each token's phase offset and its
+request's slot offset into two persistent per-token buffers (a token is a prompt token when its
+position is below its request's prompt length; one host-to-device copy per step, no host sync
+per layer); rows past the step's tokens (CUDA-graph padding) hold the discard phase and a scratch
+slot. Each hook writes its layer's selections into a persistent [tokens, layers * k] buffer and
+the last MoE layer's hook adds them all up in one scatter per buffer, then resets the per-token
+offsets to discard, so a forward no step prepared (profiling, warm-up, graph capture) counts
+nothing. Requests whose id contains `TRACK_MARKER` get a slot in `request_hits[slot, phase,
+layer, expert]` (prompt and generated tokens): the gateway tracks every request this way for its
+routing risk score and the opt-in routing summary.
 
-Hooks run only in eager mode (CUDA graphs and torch.compile skip Python hooks), so the gateway
-enables `enforce_eager` when telemetry is on.
+Eager or compiled: with `enforce_eager` the hooks are installed by the first `routing_install`
+call. A compiled engine (torch.compile; on GPU also CUDA graphs) runs only what existed when it
+was traced or captured, at the engine's first forward pass, so its hooks must be in place before
+that: `configure_engine` starts it with the worker class of `routing_worker_class`, which installs
+the counting hooks and the attack hooks (with identity grids) right after loading the model.
+`routing_install` refuses a compiled engine whose hooks came too late.
 
 `routing_set_attack` applies an expert mask or routing scale of `safety_eval.attacks` inside the
 engine: the probe replica's own engine (`serving.engine_probes`), and the engine that answers
@@ -30,7 +39,9 @@ checkpoint's manifest.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
 import re
 import signal
 import sys
@@ -55,12 +66,72 @@ _SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts")  # Qwen2-MoE, DeepSee
 _PLAIN_MOE_BACKENDS = ("TRITON", "BATCHED_TRITON", "CPU")
 PROMPT, GENERATED, DISCARD = 0, 1, 2
 WORKER_EXTENSION = f"{__name__}.RoutingRecorder"  # vLLM's worker_extension_cls
+# Rows of the identity probe `_linear_weight` sends through a packed router (its hooks run too,
+# so the per-token buffers hold at least this many rows).
+_PROBE_ROWS = 1024
+# The platform's own worker classes that `routing_worker_class` extends (vLLM resolves
+# worker_cls "auto" to these on CPU and on CUDA/ROCm).
+_PLATFORM_WORKERS = {
+    "CPURoutingWorker": "vllm.v1.worker.cpu_worker.CPUWorker",
+    "GPURoutingWorker": "vllm.v1.worker.gpu_worker.Worker",
+}
 
 
 def tracked_key(request_id: str) -> str | None:
     """The tracking key inside an engine request id (vLLM wraps ids: "chatcmpl-<id>-<suffix>")."""
     start = request_id.find(TRACK_MARKER)
     return None if start < 0 else request_id[start : start + TRACK_KEY_LENGTH]
+
+
+def routing_worker_class() -> str:
+    """The `worker_cls` of a compiled engine with routing hooks: this platform's own worker,
+    which also installs the hooks right after loading the model (before vLLM compiles it)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return f"{__name__}.CPURoutingWorker"
+    if current_platform.is_cuda_alike():
+        return f"{__name__}.GPURoutingWorker"
+    raise ValueError(f"compiled routing telemetry supports CPU and CUDA/ROCm engines, not "
+                     f"{current_platform.device_name}; run this engine eager (enforce_eager: true)")
+
+
+def configure_engine(engine_args, *, compiled: bool) -> None:
+    """Give `engine_args` (vLLM's EngineArgs) the routing extension; with `compiled`, also the
+    worker class that hooks the routers before the engine compiles the model. Without it the
+    engine must run eager for the hooks to run at all."""
+    engine_args.worker_extension_cls = WORKER_EXTENSION
+    if not compiled:
+        engine_args.enforce_eager = True
+        return
+    if engine_args.worker_cls not in ("auto", routing_worker_class()):
+        raise ValueError(f"compiled routing telemetry starts the engine with its own worker class; "
+                         f"remove worker_cls {engine_args.worker_cls!r}")
+    engine_args.worker_cls = routing_worker_class()
+    if engine_args.pipeline_parallel_size != 1:
+        raise ValueError("routing telemetry does not support pipeline parallelism")
+
+
+@contextlib.contextmanager
+def engine_environment(compiled: bool):
+    """Environment for starting an engine with the routing extension (its processes inherit it):
+    vLLM's V1 model runner, whose step inputs the worker reads (GPU builds default to the V2
+    runner), and, for a compiled engine, no AOT compile cache: its key leaves out the worker
+    class, so an engine started without hooks could hand its hook-less artifact to one with
+    hooks. The Inductor caches still apply (keyed by the traced graph or source files)."""
+    wanted = {"VLLM_USE_V2_MODEL_RUNNER": "0"} | ({"VLLM_USE_AOT_COMPILE": "0"} if compiled else {})
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0").lower() in ("1", "true"):
+        raise ValueError("the routing worker reads vLLM's V1 model runner: unset VLLM_USE_V2_MODEL_RUNNER")
+    saved = {key: os.environ.get(key) for key in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _die_with_parent() -> None:
@@ -77,50 +148,63 @@ class RoutingRecorder:
 
     def routing_install(self) -> dict:
         """Hook every router once; returns the model's routing shape."""
-        if getattr(self, "_routing", None) is not None:
-            return self._routing["shape"]
+        state = getattr(self, "_routing", None)
+        if state is None:
+            if _compiled(self.model_runner):
+                raise RuntimeError(
+                    "this engine compiles the model (torch.compile / CUDA graphs), which leaves out "
+                    "hooks added after its first forward pass: start it with "
+                    "serving.routing_worker.configure_engine(args, compiled=True) or enforce_eager")
+            state = self._routing_setup(static=False)
+        return state["shape"]
+
+    def _routing_setup(self, *, static: bool) -> dict:
+        """Allocate the buffers and hook the routers (`static`: before the engine compiles the
+        model, with the attack hooks too, as a compiled graph cannot gain them later)."""
         _die_with_parent()
         runner = self.model_runner
+        if not (hasattr(runner, "_prepare_inputs") and hasattr(runner, "input_batch")):
+            raise RuntimeError(f"the routing worker reads vLLM's V1 model runner, not "
+                               f"{type(runner).__name__} (set VLLM_USE_V2_MODEL_RUNNER=0)")
         hf_config = runner.model_config.hf_config
         check_supported(hf_config)
         spec = router_spec_from_config(hf_config)
-        routers = sorted(
-            (
-                (int(m.group(1)), module)
-                for name, module in runner.model.named_modules()
-                if (m := _ROUTER_NAME.search(name))
-            ),
-            key=lambda item: item[0],
-        )
-        if not routers:
-            raise RuntimeError("no MoE router modules (*.layers.N.mlp.gate) found in the vLLM model")
+        routers = _routers(runner.model)
         device = next(runner.model.parameters()).device
-        L, E = len(routers), spec.num_experts
+        L, E, k = len(routers), spec.num_experts, spec.top_k
+        rows = max(int(runner.max_num_tokens), _PROBE_ROWS)  # tokens in one forward pass, at most
+        discard, scratch = DISCARD * L * E, MAX_TRACKED_REQUESTS * 2 * L * E
         state = {
             "shape": {
                 "num_layers": L,
                 "num_experts": E,
-                "top_k": spec.top_k,
-                "decoder_layers": [d for d, _ in routers],
+                "top_k": k,
+                "decoder_layers": [d for d, _, _ in routers],
             },
             "spec": spec,
             "hits": torch.zeros(3 * L * E, dtype=torch.int64, device=device),
             "tokens": [0, 0],  # prompt, generated tokens that entered a forward pass
-            "offset": None,  # [tokens, 1] int64 on device: phase * L * E, or None outside a step
-            "layers": [],  # this step's [tokens, k] flat (layer, expert) indices, one per layer
-            "rows": None,  # [tokens, 1] int64 on device: each token's row in request_hits, or None
+            # Per token of the step: phase * L * E, and its request's row in request_hits.
+            "phase_offset": torch.full((rows,), discard, dtype=torch.int64, device=device),
+            "row_offset": torch.full((rows,), scratch, dtype=torch.int64, device=device),
+            "discard": discard,
+            "scratch": scratch,
+            "written": 0,  # rows the last step wrote
+            # Each MoE layer's selections (+ layer * E), summed by the last layer's hook.
+            "selected": torch.zeros((rows, L * k), dtype=torch.int64, device=device),
             # One slot per tracked request and a last, scratch slot for everything else.
             "request_hits": torch.zeros((MAX_TRACKED_REQUESTS + 1) * 2 * L * E, dtype=torch.int32,
                                         device=device),
             "tracked": OrderedDict(),  # key -> slot, oldest first
             "free": list(range(MAX_TRACKED_REQUESTS)),
             "device": device,
-            "handles": [],
+            "static": static,
         }
         self._routing = state
-        for moe_index, (_, module) in enumerate(routers):
-            hook = self._routing_hook(moe_index, last=moe_index == L - 1)
-            state["handles"].append(module.register_forward_hook(hook))
+        for moe_index, (_, _, module) in enumerate(routers):
+            module.register_forward_hook(_counting_hook(state, moe_index, last=moe_index == L - 1))
+        if static:
+            state["attack"] = self._attack_install()
         original = runner._prepare_inputs
 
         def prepare_inputs(scheduler_output, num_scheduled_tokens, *args, **kwargs):
@@ -129,34 +213,39 @@ class RoutingRecorder:
             return result
 
         runner._prepare_inputs = prepare_inputs
-        return state["shape"]
+        return state
 
     def _routing_step(self, num_scheduled_tokens: np.ndarray) -> None:
+        """Write this step's per-token phase and slot offsets into the persistent buffers (rows
+        past its tokens keep the discard phase and the scratch slot the last hook left there)."""
         state, batch = self._routing, self.model_runner.input_batch
         n_reqs = batch.num_reqs
         scheduled = np.asarray(num_scheduled_tokens[:n_reqs], dtype=np.int64)
         ends = np.cumsum(scheduled)
+        n = int(ends[-1]) if n_reqs else 0
         req_index = np.repeat(np.arange(n_reqs), scheduled)
-        offset = np.arange(int(ends[-1]) if n_reqs else 0) - np.repeat(ends - scheduled, scheduled)
+        offset = np.arange(n) - np.repeat(ends - scheduled, scheduled)
         position = batch.num_computed_tokens_cpu[req_index] + offset
         phase = np.where(position < batch.num_prompt_tokens[req_index], PROMPT, GENERATED)
         state["tokens"][PROMPT] += int((phase == PROMPT).sum())
         state["tokens"][GENERATED] += int((phase == GENERATED).sum())
-        offset = torch.from_numpy(
-            phase.astype(np.int64) * (state["shape"]["num_layers"] * state["spec"].num_experts)
-        )
-        state["offset"] = offset.to(state["device"], non_blocking=True)[:, None]
-        state["layers"] = []
+        if n == 0:
+            return
+        L, E = state["shape"]["num_layers"], state["spec"].num_experts
         slots = np.full(n_reqs, MAX_TRACKED_REQUESTS, dtype=np.int64)  # the scratch slot
         for i, req_id in enumerate(batch.req_ids[:n_reqs]):
             key = tracked_key(req_id)
             if key is not None:
                 slots[i] = self._routing_slot(key)
-        state["rows"] = None
-        if (slots < MAX_TRACKED_REQUESTS).any():
-            L, E = state["shape"]["num_layers"], state["spec"].num_experts
-            rows = (slots[req_index] * 2 + (phase != PROMPT)) * (L * E)
-            state["rows"] = torch.from_numpy(rows).to(state["device"], non_blocking=True)[:, None]
+        rows = (slots[req_index] * 2 + (phase != PROMPT)) * (L * E)
+        state["phase_offset"][:n].copy_(torch.from_numpy(phase.astype(np.int64) * (L * E)), non_blocking=True)
+        state["row_offset"][:n].copy_(torch.from_numpy(rows), non_blocking=True)
+        # A step prepared but never run (no forward pass) would leave its rows set; past this
+        # step's tokens they would count as its padding: reset them.
+        if state["written"] > n:
+            state["phase_offset"][n : state["written"]].fill_(state["discard"])
+            state["row_offset"][n : state["written"]].fill_(state["scratch"])
+        state["written"] = n
 
     def _routing_slot(self, key: str) -> int:
         """The request's slot, taken (and zeroed) on its first step; when none is free, the
@@ -171,44 +260,6 @@ class RoutingRecorder:
             state["request_hits"][slot * size : (slot + 1) * size].zero_()
             state["tracked"][key] = slot
         return slot
-
-    def _routing_hook(self, layer: int, last: bool):
-        E = self._routing["spec"].num_experts
-
-        def hook(module, args, output):
-            state = self._routing
-            if state["offset"] is None:  # a dummy/profiling forward outside a scheduled step
-                return None
-            logits = output[0] if isinstance(output, tuple) else output
-            state["layers"].append(selected_experts(logits, state["spec"]) + layer * E)
-            if last:  # one scatter per step for all layers
-                self._routing_count(state)
-            return None
-
-        return hook
-
-    def _routing_count(self, state: dict) -> None:
-        selected = torch.cat(state["layers"], dim=1)  # [n, L * k]
-        offset = state["offset"]
-        n = selected.shape[0]
-        if n != offset.shape[0]:  # a padded batch: rows past the scheduled tokens are not tokens
-            discard = DISCARD * state["shape"]["num_layers"] * state["spec"].num_experts
-            pad = torch.full(
-                (max(0, n - offset.shape[0]), 1), discard, dtype=torch.int64, device=offset.device
-            )
-            offset = torch.cat([offset, pad])[:n]
-        flat = (selected + offset).reshape(-1)
-        state["hits"].index_add_(0, flat, torch.ones_like(flat))
-        rows = state["rows"]
-        if rows is not None:
-            if n != rows.shape[0]:  # padding rows go to the scratch slot
-                scratch = MAX_TRACKED_REQUESTS * 2 * state["shape"]["num_layers"] * state["spec"].num_experts
-                pad = torch.full((max(0, n - rows.shape[0]), 1), scratch, dtype=torch.int64,
-                                 device=rows.device)
-                rows = torch.cat([rows, pad])[:n]
-            flat = (selected + rows).reshape(-1)
-            state["request_hits"].index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        state["offset"], state["layers"], state["rows"] = None, [], None
 
     def routing_snapshot(self) -> dict:
         """Cumulative counts since install: hits [2][L][E] (prompt, generated) and token totals."""
@@ -259,9 +310,11 @@ class RoutingRecorder:
         self.routing_install()
         state = self._routing
         attacks = state.get("attack")
-        if attacks is None:
+        if attacks is None:  # eager: hooked on first use (a compiled engine has them from its start)
             attacks = state["attack"] = self._attack_install()
-        attacks["bias"] = attacks["scale"] = None
+        attacks["kind"] = None
+        attacks["bias"].zero_()
+        attacks["scale"].fill_(1.0)
         if attack is None:
             return {"kind": None}
         L, E = state["shape"]["num_layers"], state["shape"]["num_experts"]
@@ -273,7 +326,7 @@ class RoutingRecorder:
         if kind == "expert_mask":
             for layer, expert in pairs:
                 grid[layer, expert] = float(attack.get("bias", -1e4))
-            attacks["bias"] = grid.to(state["device"])
+            attacks["bias"].copy_(grid)
         elif kind == "routing_scale":
             if attacks["monolithic"]:
                 raise RuntimeError("routing scale needs the engine's expert selection, which this MoE "
@@ -285,50 +338,34 @@ class RoutingRecorder:
             else:
                 for layer, expert in pairs:
                     grid[layer, expert] = factor
-            attacks["scale"] = grid.to(state["device"])
+            attacks["scale"].copy_(grid)
         else:
             raise ValueError(f"unknown attack kind {kind!r} (expert_mask, routing_scale)")
+        attacks["kind"] = kind
         return {"kind": kind, "pairs": None if pairs is None else len(pairs)}
 
     def _attack_install(self) -> dict:
         """Hooks that apply the current attack, if any: one on each router's output (first among
-        its hooks) and a wrapper around each MoE layer's expert selection."""
+        its hooks) and a wrapper around each MoE layer's expert selection. Their grids (a bias
+        per (layer, expert) and a scale) live on the device and are changed in place; eager
+        hooks skip them when no attack of their kind is set, static ones (compiled into the
+        graph) always apply them: adding 0 and multiplying by 1 change nothing."""
+        state = self._routing
+        L, E = state["shape"]["num_layers"], state["shape"]["num_experts"]
+        attacks = {"kind": None, "monolithic": False, "static": state["static"],
+                   "bias": torch.zeros(L, E, device=state["device"]),
+                   "scale": torch.ones(L, E, device=state["device"])}
         modules = dict(self.model_runner.model.named_modules())
-        routers = sorted((int(m.group(1)), name) for name in modules if (m := _ROUTER_NAME.search(name)))
-        attacks = {"bias": None, "scale": None, "monolithic": False}
-        for layer, (_, router_name) in enumerate(routers):
-            modules[router_name].register_forward_hook(self._bias_hook(attacks, layer), prepend=True)
+        for layer, (_, router_name, router) in enumerate(_routers(self.model_runner.model)):
+            router.register_forward_hook(_bias_hook(attacks, layer), prepend=True)
             runner = modules.get(router_name.removesuffix(".gate") + ".experts")
             selector = getattr(getattr(runner, "router", None), "select_experts", None)
             method = getattr(getattr(runner, "routed_experts", runner), "quant_method", None)
             if selector is None or getattr(method, "is_monolithic", False):
                 attacks["monolithic"] = True
                 continue
-            runner.router.select_experts = self._scaled_selection(attacks, layer, selector)
+            runner.router.select_experts = _scaled_selection(attacks, layer, selector)
         return attacks
-
-    @staticmethod
-    def _bias_hook(attacks: dict, layer: int):
-        def hook(module, args, output):
-            bias = attacks["bias"]
-            if bias is None:
-                return None
-            if isinstance(output, tuple):
-                return (output[0] + bias[layer].to(output[0].dtype), *output[1:])
-            return output + bias[layer].to(output.dtype)
-
-        return hook
-
-    @staticmethod
-    def _scaled_selection(attacks: dict, layer: int, select_experts):
-        def select(*args, **kwargs):
-            weights, ids = select_experts(*args, **kwargs)
-            scale = attacks["scale"]
-            if scale is None:
-                return weights, ids
-            return weights * scale[layer][ids.long()].to(weights.dtype), ids
-
-        return select
 
     # ---- integrity fingerprint (moe_routing.fingerprint) ----
 
@@ -342,14 +379,10 @@ class RoutingRecorder:
         hf_config = runner.model_config.hf_config
         architecture = check_supported(hf_config)
         modules = dict(runner.model.named_modules())
-        routers = sorted((int(m.group(1)), name) for name in modules if (m := _ROUTER_NAME.search(name)))
-        if not routers:
-            raise RuntimeError("no MoE router modules (*.layers.N.mlp.gate) found in the vLLM model")
         tp = (get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
         layers = []
-        for decoder_layer, router_name in routers:
+        for decoder_layer, router_name, router in _routers(runner.model):
             block = router_name.removesuffix(".gate")
-            router = modules[router_name]
             raw = {"decoder_layer": decoder_layer,
                    "router": fingerprint.router_raw_stats(_linear_weight(router)).tolist()}
             raw |= _expert_raw_stats(_routed_experts(modules, block), tp)
@@ -360,6 +393,99 @@ class RoutingRecorder:
             layers.append(raw)
         return {"architecture": architecture, "num_experts": router_spec_from_config(hf_config).num_experts,
                 "layers": layers, "tp_rank": tp[0]}
+
+
+def _routers(model) -> list[tuple[int, str, torch.nn.Module]]:
+    """(decoder layer, module name, module) of every MoE router, in layer order."""
+    routers = sorted(((int(m.group(1)), name, module) for name, module in model.named_modules()
+                      if (m := _ROUTER_NAME.search(name))), key=lambda item: item[0])
+    if not routers:
+        raise RuntimeError("no MoE router modules (*.layers.N.mlp.gate) found in the vLLM model")
+    return routers
+
+
+def _compiled(runner) -> bool:
+    """Whether the engine runs a torch.compile graph or CUDA graphs rather than the modules."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    compilation = runner.vllm_config.compilation_config
+    return not runner.model_config.enforce_eager and (
+        compilation.mode != CompilationMode.NONE or compilation.cudagraph_mode != CUDAGraphMode.NONE)
+
+
+def _counting_hook(state: dict, layer: int, last: bool):
+    """The router hook of MoE layer `layer`. It reads and writes persistent tensors only, with
+    no Python state that changes between steps: traced into a compiled graph or captured in a
+    CUDA graph, it does what it does eagerly."""
+    spec = state["spec"]
+    E, k = spec.num_experts, spec.top_k
+    selected, phase_offset, row_offset = state["selected"], state["phase_offset"], state["row_offset"]
+    hits, request_hits = state["hits"], state["request_hits"]
+    discard, scratch = state["discard"], state["scratch"]
+
+    def hook(module, args, output):
+        logits = output[0] if isinstance(output, tuple) else output
+        n = logits.shape[0]
+        selected[:n, layer * k : (layer + 1) * k] = selected_experts(logits, spec) + layer * E
+        if last:  # one scatter per buffer per forward pass, for all layers
+            chosen = selected[:n]
+            flat = (chosen + phase_offset[:n, None]).reshape(-1)
+            hits.index_add_(0, flat, torch.ones_like(flat))
+            flat = (chosen + row_offset[:n, None]).reshape(-1)
+            request_hits.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+            phase_offset[:n].fill_(discard)  # until the next step writes its tokens' offsets
+            row_offset[:n].fill_(scratch)
+        return None
+
+    return hook
+
+
+def _bias_hook(attacks: dict, layer: int):
+    bias, static = attacks["bias"], attacks["static"]
+
+    def hook(module, args, output):
+        if not static and attacks["kind"] != "expert_mask":
+            return None
+        if isinstance(output, tuple):
+            return (output[0] + bias[layer].to(output[0].dtype), *output[1:])
+        return output + bias[layer].to(output.dtype)
+
+    return hook
+
+
+def _scaled_selection(attacks: dict, layer: int, select_experts):
+    scale, static = attacks["scale"], attacks["static"]
+
+    def select(*args, **kwargs):
+        weights, ids = select_experts(*args, **kwargs)
+        if not static and attacks["kind"] != "routing_scale":
+            return weights, ids
+        return weights * scale[layer][ids.long()].to(weights.dtype), ids
+
+    return select
+
+
+class _HooksAtLoad:
+    """Installs the routing hooks right after the model is loaded, before the engine's first
+    forward pass compiles it (torch.compile traces them into its graph, CUDA graphs capture
+    their kernels). Combined with the platform's own worker class by `__getattr__` below."""
+
+    def load_model(self, *args, **kwargs):
+        super().load_model(*args, **kwargs)
+        self._routing_setup(static=True)
+
+
+def __getattr__(name: str):
+    """`CPURoutingWorker` / `GPURoutingWorker`: the platform's worker with `_HooksAtLoad` and
+    this extension, built on first use (the other platform's worker may not import here)."""
+    base = _PLATFORM_WORKERS.get(name)
+    if base is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    cls = type(name, (_HooksAtLoad, resolve_obj_by_qualname(base), RoutingRecorder), {"__module__": __name__})
+    globals()[name] = cls
+    return cls
 
 
 def _linear_weight(module) -> torch.Tensor:
@@ -374,8 +500,8 @@ def _linear_weight(module) -> torch.Tensor:
     if in_size is None:
         raise RuntimeError(f"{type(module).__name__}: weight is packed and its input size is unknown")
     columns = []
-    for start in range(0, in_size, 1024):  # bounded batches: the router may have a small-batch kernel
-        probe = torch.eye(in_size, dtype=weight.dtype, device=weight.device)[start : start + 1024]
+    for start in range(0, in_size, _PROBE_ROWS):  # bounded batches: the router may have a small-batch kernel
+        probe = torch.eye(in_size, dtype=weight.dtype, device=weight.device)[start : start + _PROBE_ROWS]
         output = module(probe)
         columns.append((output[0] if isinstance(output, tuple) else output).float())
     return torch.cat(columns).T

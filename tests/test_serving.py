@@ -51,6 +51,38 @@ def test_config_rejects_unknown_keys_and_engine_options():
     assert config.engine_options()["enforce_eager"] is True
 
 
+def test_compiled_telemetry_config_runs_the_compiled_engine_and_refuses_contradictions():
+    config = GatewayConfig.model_validate({"telemetry": {"compiled": True}})
+    assert config.engine_options()["enforce_eager"] is False
+    assert GatewayConfig().engine_options()["enforce_eager"] is True  # the default stays eager
+    with pytest.raises(ValidationError, match="remove engine.enforce_eager"):
+        GatewayConfig.model_validate({"telemetry": {"compiled": True}, "engine": {"enforce_eager": True}})
+    with pytest.raises(ValidationError, match="needs telemetry.enabled"):
+        GatewayConfig.model_validate({"telemetry": {"compiled": True, "enabled": False}})
+    with pytest.raises(ValidationError, match="remove engine.worker_cls"):
+        GatewayConfig.model_validate({"telemetry": {"compiled": True}, "engine": {"worker_cls": "my.Worker"}})
+
+
+def test_a_compiled_engine_gets_the_platform_worker_that_hooks_before_compiling():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    from serving.routing_worker import RoutingRecorder, configure_engine
+
+    compiled = AsyncEngineArgs(model="x")
+    configure_engine(compiled, compiled=True)
+    assert compiled.worker_cls == "serving.routing_worker.CPURoutingWorker" and not compiled.enforce_eager
+    worker = resolve_obj_by_qualname(compiled.worker_cls)
+    assert issubclass(worker, CPUWorker) and RoutingRecorder in worker.__bases__  # vLLM adds no second copy
+    eager = AsyncEngineArgs(model="x")
+    configure_engine(eager, compiled=False)
+    assert eager.enforce_eager and eager.worker_cls == "auto"
+    other = AsyncEngineArgs(model="x", worker_cls="my.Worker")
+    with pytest.raises(ValueError, match="remove worker_cls"):
+        configure_engine(other, compiled=True)
+
+
 def test_keys_come_from_env_as_digests_and_bad_setups_are_refused():
     config = GatewayConfig()
     users, admin = resolve_keys(
