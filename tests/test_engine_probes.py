@@ -101,7 +101,8 @@ def test_the_suite_runs_on_the_engine_without_a_transformers_copy(engine, hf, ch
 
     settings = SuiteSettings(limit=16, mask_counts=[2], headline_mask=2, random_seeds=[0, 1, 2],
                              identification_prompts=24, n_bootstrap=0, max_new_tokens=12,
-                             layer_route_search={"max_prompts": 0})
+                             layer_route_search={"max_prompts": 0}, ablation_prompts=0)
+    assert not settings.needs_transformers  # the refusal ablation, like the searches, would load one
     expected = suite.run_suite(checkpoint, settings, model=hf.model, tokenizer=hf.tokenizer,
                                log=lambda m: None)
 
