@@ -104,4 +104,3 @@ def forced_routes(step: int, seed: int, training: TrainingConfig, safety_set: Ma
                 rows[row] = torch.tensor(sorted(rng.sample(sorted(members), top_k)))
         forced[layer] = rows
     return forced
-
