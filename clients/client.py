@@ -125,8 +125,10 @@ class GatewayClient:
             ) from None
 
     def routing(self) -> dict:
-        """Live routing telemetry: window concentration per phase, safety-expert share, totals."""
-        return self._request("GET", "/v1/routing").json()
+        """Live routing telemetry: window concentration per phase, safety-expert share, totals.
+        Sent with the admin key when one is set: only it sees the safety-expert list (a user key
+        gets `safety_experts: null`) unless the gateway's config opens it to all keys."""
+        return self._request("GET", "/v1/routing", admin=self.admin_key is not None).json()
 
     def metrics(self) -> str:
         return httpx.get(self.url + "/metrics", timeout=self.timeout).text
@@ -226,7 +228,7 @@ def summarize_routing(telemetry: dict) -> list[str]:
         "safety-expert share: "
         + (
             "unknown (no safety experts configured)"
-            if share is None and not telemetry["safety_experts"]
+            if share is None and telemetry["safety_experts"] == []
             else _fmt(share)
         )
     )

@@ -537,10 +537,17 @@ class Gateway:
         body, content_type = exposition()
         return Response(body, media_type=content_type)
 
-    async def routing(self):
+    async def routing(self, raw_request):
+        """GET /v1/routing: the live telemetry. Which experts carry safety is the target list of
+        an expert-masking attack, so only callers who may see the routing summary get it."""
         if self.telemetry is None:
             return openai_error(404, "routing telemetry is off for this model")
-        return JSONResponse(json_safe(self.telemetry.summary()))
+        summary = json_safe(self.telemetry.summary())
+        record = raw_request.scope.get("mesa")  # serving.routes.RequestLog
+        caller = record.caller if record else None
+        if not may_see_routing_summary(caller, self.config.telemetry.routing_summary):
+            summary["safety_experts"] = None
+        return JSONResponse(summary)
 
     async def reset_telemetry(self):
         """Clear the sliding window (e.g. after an incident), keeping the cumulative counters."""

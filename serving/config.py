@@ -66,9 +66,10 @@ class TelemetryConfig(BaseModel):
     # at start on `baseline_prompts` harmful and as many benign prompts (0: no baseline).
     baseline_profile: str | ProfileFiles | None = None
     baseline_prompts: int = Field(64, ge=0)
-    # Who may ask for the per-request routing summary (X-Mesa-Routing-Summary): `admin`, the
-    # admin key only, or `keys`, every key. It carries the guard's risk score, so an attacker
-    # holding a user key could tune prompts against it until they pass: opt in knowingly.
+    # Who may ask for the per-request routing summary (X-Mesa-Routing-Summary) and see the
+    # safety-expert list in /v1/routing: `admin`, the admin key only, or `keys`, every key. The
+    # summary carries the guard's risk score, so an attacker holding a user key could tune
+    # prompts against it until they pass; the list names the experts to mask: opt in knowingly.
     routing_summary: Literal["admin", "keys"] = "admin"
 
     @field_validator("baseline_prompts")

@@ -173,7 +173,11 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.get("/v1/models")(gateway.models)
     app.get("/health")(gateway.health)
     app.get("/metrics")(gateway.prometheus_metrics)
-    app.get("/v1/routing")(gateway.routing)
+
+    @app.get("/v1/routing")
+    async def routing(raw_request: Request):
+        return await gateway.routing(raw_request)
+
     app.post("/admin/telemetry/reset")(gateway.reset_telemetry)
     app.get("/admin/config")(gateway.admin_config)
     app.post("/admin/integrity")(gateway.check_integrity)

@@ -275,9 +275,13 @@ def test_routing_telemetry_and_metrics_agree(gateway, client):
             model="organism", messages=[{"role": "user", "content": prompt}], max_tokens=8, temperature=0
         )
     time.sleep(1.5)  # one poll
-    routing = httpx.get(gateway.url + "/v1/routing", headers=_headers()).json()
+    routing = httpx.get(gateway.url + "/v1/routing", headers=_headers(ADMIN_KEY)).json()
     assert routing["num_layers"] == 4 and routing["num_experts"] == 8 and routing["top_k"] == 2
     assert routing["safety_experts"] == SAFETY_EXPERTS and routing["safety_experts_source"] == "config"
+    # A user key sees the same telemetry without the list of experts to mask.
+    as_user = httpx.get(gateway.url + "/v1/routing", headers=_headers()).json()
+    assert as_user["safety_experts"] is None and as_user["num_experts"] == 8
+    assert as_user["window"]["all"]["safety_expert_share"] is not None
     assert routing["baseline"]["source"].startswith("measured at start")  # no profile next to the organism
     window = routing["window"]
     assert window["prompt"]["tokens"] > 0 and window["generated"]["tokens"] > 0
@@ -683,7 +687,8 @@ def test_python_client_and_cli(gateway, tmp_path):
     with pytest.raises(GatewayError, match=r"forbidden \(403\).*admin key"):
         GatewayClient(gateway.url, api_key=USER_KEY).chat_with_routing("hi", max_tokens=2)
     assert answer and summary["routed_tokens"] > 0
-    assert client.routing()["num_experts"] == 8
+    assert client.routing()["num_experts"] == 8 and client.routing()["safety_experts"] == SAFETY_EXPERTS
+    assert GatewayClient(gateway.url, api_key=USER_KEY).routing()["safety_experts"] is None
     assert client.admin_config()["model"] == "organism"
     client.reset_telemetry()
     with pytest.raises(GatewayError, match="rejected the API key"):
