@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from alignment.allocation import AllocationSettings
 from alignment.methods import METHODS, apply_settings
+from alignment.sharding import check_sharding
 from moe_routing.config import load_yaml_config
 from safety_eval.settings import SuiteSettings  # light (no torch), unlike safety_eval.suite
 
@@ -77,6 +78,10 @@ class TrainingConfig(BaseModel):
     checkpoint_every: int = Field(25, ge=1)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
+    # none: every worker holds the whole model (DDP). fsdp: the frozen weights are sharded over
+    # the workers (FSDP2), what trains stays replicated (alignment/sharding.py; README, Sharded training).
+    sharding: Literal["none", "fsdp"] = "none"
+    memory_check: bool = True  # refuse before training when the memory estimate does not fit
     dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int | None = Field(None, ge=1)  # torch threads per worker (default: torch's choice)
 
@@ -144,6 +149,7 @@ class AlignmentConfig(BaseModel):
         if training.batch_size % training.num_workers:
             raise ValueError(f"training.batch_size {training.batch_size} is the global batch: it must be "
                              f"divisible by training.num_workers {training.num_workers}")
+        check_sharding(training.method, training.sharding, training.num_workers)
         return self
 
 

@@ -93,8 +93,6 @@ def training_loss(model: nn.Module, trainable: Trainable, capture: RouterLogits 
     reference mode. `masked` pairs are masked and `forced` routes forced in both forwards; the
     captured logits are the router's own, before either. Both losses are divided by global
     counts (`alignment.distributed`), so data-parallel workers train what one worker would."""
-    from torch.nn.utils import parametrize
-
     reference_model = reference_model or model
     world = world_size()
     valid = batch.attention_mask.bool().reshape(-1)
@@ -105,14 +103,14 @@ def training_loss(model: nn.Module, trainable: Trainable, capture: RouterLogits 
             routes.enter_context(mask_experts(reference_model, masked))
         if forced:
             routes.enter_context(force_experts(reference_model, forced))
-        with parametrize.cached():  # W + delta once per layer, not once per expert access
+        with trainable.materialized():  # W + delta once per layer forward, not per expert access
             output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         sft = weighted_lm_loss(output.logits, batch.labels, batch.row_weight, weight_total)
         router = torch.zeros((), device=sft.device)
         logits = capture.take() if capture is not None else None
         if logits is None or not router_loss:
             return sft, sft, router, logits
-        with torch.no_grad(), trainable.reference(), parametrize.cached():
+        with torch.no_grad(), trainable.reference(), trainable.materialized():
             reference_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         reference_logits = capture.take()
     tokens = batch.input_ids.shape[1]
@@ -167,11 +165,18 @@ def train_worker(job: dict) -> None:
     device = ray.train.torch.get_device() if training.use_gpu else torch.device("cpu")
     torch.manual_seed(config.seed)
 
-    model, tokenizer = load_model(job["checkpoint"], training.dtype, str(device))
-    moe = describe(model)
-    model, trainable = make_trainable(
-        model, training.method, [tuple(p) for p in job["experts"]], lora_rank=training.lora_rank
-    )
+    experts = [tuple(p) for p in job["experts"]]
+    sharded = training.sharding == "fsdp"
+    if sharded:  # frozen weights sharded over the workers (FSDP2), what trains replicated
+        from alignment.sharding import average_gradients, load_sharded
+
+        model, trainable, tokenizer = load_sharded(job["checkpoint"], training.method, experts, device,
+                                                   dtype=training.dtype, lora_rank=training.lora_rank)
+        moe = describe(model)
+    else:
+        model, tokenizer = load_model(job["checkpoint"], training.dtype, str(device))
+        moe = describe(model)
+        model, trainable = make_trainable(model, training.method, experts, lora_rank=training.lora_rank)
     safety_set = torch.zeros(moe.num_layers, moe.num_experts, dtype=torch.bool, device=device)
     for layer, expert in job.get("safety_set", []):
         safety_set[layer, expert] = True
@@ -204,7 +209,7 @@ def train_worker(job: dict) -> None:
         if rank == 0:
             _log(f"[train] resumed at step {start}/{training.steps}")
     inner = model
-    if world > 1:
+    if world > 1 and not sharded:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
     use_router_loss = method_spec(training.method).router_loss and training.gamma > 0
     routing = None
@@ -239,6 +244,8 @@ def train_worker(job: dict) -> None:
                                batch.attention_mask.bool().reshape(-1))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if sharded:
+                average_gradients(trainable.params.values())  # DDP does this without sharding
             torch.nn.utils.clip_grad_norm_(list(trainable.params.values()), training.grad_clip)
             optimizer.step()
             scheduler.step()

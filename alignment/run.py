@@ -227,6 +227,10 @@ def run(config: AlignmentConfig) -> dict:
     log(f"[align] trained experts {experts or '-'}")
     (out / "allocation.json").write_text(json.dumps(allocation.to_dict(), indent=1))
 
+    if config.training.memory_check:  # before any training worker starts: one line if it will not fit
+        from alignment.sharding import check_training_memory
+
+        check_training_memory(config.training, checkpoint, experts, log=log)
     trained = stage("train", lambda: train(config, checkpoint, experts, safety_set, allocation.cost, out,
                                            safety, general))
     history = training_history(trained)

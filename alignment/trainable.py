@@ -36,9 +36,29 @@ class RowDelta(nn.Module):
         shape = (len(rows), *like.shape[1:])
         self.delta = nn.Parameter(torch.zeros(shape, dtype=like.dtype, device=like.device))
         self.enabled = True
+        self.caching = False  # set by Trainable.materialized while the owning module runs
+        self.cached: tuple[torch.Tensor, torch.Tensor] | None = None  # (W + delta, W)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.index_add(0, self.rows, self.delta) if self.enabled else weight
+        if not self.enabled:
+            return weight
+        if self.cached is not None:
+            return self.cached[0]
+        value = weight.index_add(0, self.rows, self.delta)
+        if self.caching:
+            self.cached = (value, weight)
+        return value
+
+    def piece(self, weight: torch.Tensor, offset: int, size, stride) -> torch.Tensor:
+        """The part of ``W + delta`` at (`offset`, `size`, `stride`), rebuilt from `weight` (W):
+        the rows it spans, plus their deltas, bit for bit what ``forward`` computed."""
+        extent = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        row_size = weight[0].numel()
+        first, last = offset // row_size, extent // row_size
+        block = weight[first: last + 1].clone()
+        inside = (self.rows >= first) & (self.rows <= last)
+        block.index_add_(0, self.rows[inside] - first, self.delta.detach()[inside])
+        return block.as_strided(size, stride, offset - first * row_size)
 
 
 @dataclass
@@ -83,6 +103,58 @@ class Trainable:
                 delta.enabled = True
             for param, value in zip(self.routers, current):
                 param.data = value
+
+    @contextmanager
+    def materialized(self):
+        """Forwards in which each ``W + delta`` is computed once per forward of its module (not
+        once per expert access) and dropped after it, and in which autograd saves, where it
+        would keep a view of ``W + delta`` for the backward, only how to rebuild that view from
+        W and delta (:meth:`RowDelta.piece`). Without it every trained layer would hold a whole
+        copy of its fused expert tensors until the backward: under sharding, a full copy of the
+        experts on each worker."""
+        if not self.deltas:
+            yield
+            return
+        owned: dict[nn.Module, list[RowDelta]] = {}
+        for module, _, delta in self.deltas:
+            owned.setdefault(module, []).append(delta)
+        running: list[RowDelta] = []
+
+        def enter(module, args):
+            running[:] = owned[module]
+            for delta in running:
+                delta.caching = True
+
+        def leave(module, args, output):
+            for delta in owned[module]:
+                delta.caching, delta.cached = False, None
+            running.clear()
+
+        def pack(tensor):
+            for delta in running:
+                if delta.cached is None:
+                    continue
+                value, weight = delta.cached
+                if (tensor.device == value.device and tensor.numel()
+                        and tensor.untyped_storage().data_ptr() == value.untyped_storage().data_ptr()
+                        and weight.is_contiguous() and value.is_contiguous()):
+                    return delta, weight, tensor.storage_offset(), tensor.shape, tensor.stride()
+            return tensor
+
+        def unpack(saved):
+            if isinstance(saved, tuple):
+                delta, weight, offset, size, stride = saved
+                return delta.piece(weight, offset, size, stride)
+            return saved
+
+        handles = [h for module in owned for h in (module.register_forward_pre_hook(enter),
+                                                   module.register_forward_hook(leave, always_call=True))]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def bake(self) -> None:
         """Write the expert deltas into the fused tensors and drop the parametrizations, so the

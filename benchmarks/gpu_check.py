@@ -248,15 +248,17 @@ def engines_part(form: Form, model: str) -> dict:
             "ok": report["engine"] == "vllm" and eager["consistent"] and compiled["consistent"]}
 
 
-def alignment_config(model: str, output_dir: str, workers: int, use_gpu: bool = True) -> dict:
-    """An alignment job of two data-parallel training steps on `workers` workers (one GPU each)."""
+def alignment_config(model: str, output_dir: str, workers: int, use_gpu: bool = True,
+                     sharding: str = "none") -> dict:
+    """An alignment job of two data-parallel training steps on `workers` workers (one GPU each),
+    each holding the whole model (sharding none, DDP) or 1/workers of its frozen weights (fsdp)."""
     return {
         "model": model, "output_dir": output_dir, "seed": 0,
         "data": {"statistics_prompts": 8, "max_examples": 32},
         "profile": {"batch_size": 4, "max_length": 64, "num_workers": workers},
         "training": {"steps": 2, "batch_size": 2 * workers, "warmup_steps": 0, "max_length": 128,
                      "checkpoint_every": 2, "num_workers": workers, "use_gpu": use_gpu,
-                     "dtype": "bfloat16" if use_gpu else "float32"},
+                     "dtype": "bfloat16" if use_gpu else "float32", "sharding": sharding},
         "evaluation": {"enabled": False},
     }
 
@@ -269,17 +271,26 @@ def alignment_part(model: str, workdir: Path, timeout_s: float) -> dict:
         return {"skipped": f"needs 2 GPUs, found {gpus}", "ok": True}
     import yaml
 
-    config = workdir / "alignment.yaml"
-    config.write_text(yaml.safe_dump(alignment_config(model, str(workdir / "align"), workers=2)))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local Ray instance of its own
-    t0 = time.monotonic()
-    try:
-        run = subprocess.run([sys.executable, str(ROOT / "alignment" / "run.py"), "--config", str(config)],
-                             capture_output=True, text=True, timeout=timeout_s, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {timeout_s:.0f} s"}
-    return {"ok": run.returncode == 0, "returncode": run.returncode, "workers": 2,
-            "seconds": round(time.monotonic() - t0, 1), "log_tail": (run.stdout + run.stderr)[-2000:]}
+    deadline, result = time.monotonic() + timeout_s, {"workers": 2}
+    for sharding in ("none", "fsdp"):
+        config = workdir / f"alignment-{sharding}.yaml"
+        settings = alignment_config(model, str(workdir / f"align-{sharding}"), workers=2, sharding=sharding)
+        config.write_text(yaml.safe_dump(settings))
+        t0 = time.monotonic()
+        try:
+            run = subprocess.run([sys.executable, str(ROOT / "alignment" / "run.py"), "--config",
+                                  str(config)], capture_output=True, text=True,
+                                 timeout=max(1.0, deadline - t0), env=env, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            result[sharding] = {"ok": False, "error": "timed out (--budget-s)"}
+            continue
+        memory = [line for line in run.stdout.splitlines() if "[align] memory:" in line]
+        result[sharding] = {"ok": run.returncode == 0, "returncode": run.returncode,
+                            "seconds": round(time.monotonic() - t0, 1), "memory_estimate": memory[-1:],
+                            "log_tail": (run.stdout + run.stderr)[-2000:]}
+    result["ok"] = all(result[s]["ok"] for s in ("none", "fsdp"))
+    return result
 
 
 def main(argv=None) -> int:

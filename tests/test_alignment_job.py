@@ -182,7 +182,50 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert run.returncode == 2 and "not found" in run.stderr
 
 
-def test_two_workers_train_what_one_does_and_a_killed_two_worker_job_resumes_exactly(tmp_path, organism):
+LAYOUT = {"steps": 12, "checkpoint_every": 4}  # the data-parallel tests' jobs: 3 checkpoints
+
+
+@pytest.fixture(scope="module")
+def one_worker(tmp_path_factory, organism) -> Path:
+    """The reference of the data-parallel tests: one unsharded worker, global batch 8."""
+    tmp_path = tmp_path_factory.mktemp("one-worker")
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    _run_job(_config(tmp_path, "one", organism, num_workers=1, **LAYOUT), env)
+    return tmp_path / "one"
+
+
+def _assert_trains_what_one_worker_does(one: Path, other: Path, organism) -> dict:
+    """`other`'s trained values within 0.1% of the largest update of `one`'s, the same parameters
+    changed (experts only), the same losses to 1e-3; returns `other`'s values."""
+    from transformers import AutoModelForCausalLM
+
+    a, b = _trained_values(one), _trained_values(other)
+    base = dict(AutoModelForCausalLM.from_pretrained(organism, dtype=torch.float32).named_parameters())
+    changed = [n for n in a if not torch.equal(a[n], base[n])]
+    assert changed and {n for n in b if not torch.equal(b[n], base[n])} == set(changed)
+    assert all(".mlp." in n for n in changed)  # experts and routers, nothing else
+    update = max(float((a[n] - base[n]).abs().max()) for n in changed)
+    difference = max(float((a[n] - b[n]).abs().max()) for n in changed)
+    print(f"{other.name}: largest update {update:.3e}, largest difference from one worker {difference:.3e}")
+    assert difference <= 1e-3 * update, f"{other.name} differs by {difference:.3e}, updates {update:.3e}"
+    history = [json.loads((run / "report.json").read_text())["training"]["history"] for run in (one, other)]
+    for x, y in zip(*history):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-3), (x, y)
+    return b
+
+
+def _assert_a_killed_job_resumes_to(expected: dict, config: Path, run_dir: Path, env: dict) -> None:
+    steps_done = _kill_after_first_checkpoint(config, run_dir, env)
+    assert steps_done and max(steps_done) < LAYOUT["steps"]
+    resumed = _run_job(config, env)
+    assert re.findall(rf"resumed at step (\d+)/{LAYOUT['steps']}", resumed.stdout + resumed.stderr)
+    killed = _trained_values(run_dir)
+    differing = [n for n in expected if not torch.equal(expected[n], killed[n])]
+    assert not differing, f"the resumed {run_dir.name} run differs in {differing[:3]}"
+
+
+def test_two_workers_train_what_one_does_and_a_killed_two_worker_job_resumes_exactly(
+        tmp_path, organism, one_worker):
     """Ray Train, 2 CPU workers (gloo) vs 1, same global batch of 8: every loss is divided by
     global counts, the token transport plan is solved over both workers' tokens and the forced
     routes are drawn for the global batch, so the trained values agree up to float32 summation
@@ -192,33 +235,11 @@ def test_two_workers_train_what_one_does_and_a_killed_two_worker_job_resumes_exa
     updates of 7e-3, 20x inside; tests/test_alignment.py shows, with gloo, that a per-worker
     transport plan does not give one worker's loss). A killed 2-worker job then resumes to exactly
     the uninterrupted run."""
-    from transformers import AutoModelForCausalLM
-
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    layout = {"steps": 12, "checkpoint_every": 4}
-    _run_job(_config(tmp_path, "one", organism, num_workers=1, **layout), env)
-    _run_job(_config(tmp_path, "two", organism, num_workers=2, **layout), env)
-    one, two = _trained_values(tmp_path / "one"), _trained_values(tmp_path / "two")
-    base = dict(AutoModelForCausalLM.from_pretrained(organism, dtype=torch.float32).named_parameters())
-    changed = [n for n in one if not torch.equal(one[n], base[n])]
-    assert changed and {n for n in two if not torch.equal(two[n], base[n])} == set(changed)
-    update = max(float((one[n] - base[n]).abs().max()) for n in changed)
-    difference = max(float((one[n] - two[n]).abs().max()) for n in changed)
-    print(f"largest update {update:.3e}, largest 1-vs-2-worker difference {difference:.3e}")
-    assert difference <= 1e-3 * update, f"2 workers differ by {difference:.3e}, updates {update:.3e}"
-    history = [json.loads((tmp_path / name / "report.json").read_text())["training"]["history"]
-               for name in ("one", "two")]
-    for a, b in zip(*history):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3), (a, b)
-
-    config = _config(tmp_path, "killed", organism, num_workers=2, **layout)
-    run_dir = tmp_path / "killed"
-    steps_done = _kill_after_first_checkpoint(config, run_dir, env)
-    assert steps_done and max(steps_done) < 12
-    resumed = _run_job(config, env)
-    assert re.findall(r"resumed at step (\d+)/12", resumed.stdout + resumed.stderr)
-    killed = _trained_values(run_dir)
-    assert all(torch.equal(two[n], killed[n]) for n in two), "the resumed 2-worker run differs"
+    _run_job(_config(tmp_path, "two", organism, num_workers=2, **LAYOUT), env)
+    two = _assert_trains_what_one_worker_does(one_worker, tmp_path / "two", organism)
+    _assert_a_killed_job_resumes_to(two, _config(tmp_path, "killed", organism, num_workers=2, **LAYOUT),
+                                    tmp_path / "killed", env)
 
 
 def test_impossible_worker_layouts_are_refused_with_one_line(tmp_path, organism):
@@ -239,3 +260,44 @@ def test_impossible_worker_layouts_are_refused_with_one_line(tmp_path, organism)
     if not torch.cuda.is_available():
         gpus = job("gpus", num_workers=1, use_gpu=True)
         assert gpus.returncode == 2 and "needs 1 GPUs (one per worker)" in gpus.stderr, gpus.stderr[-2000:]
+
+
+def _tensor_layout(run_dir: Path) -> dict:
+    """Every tensor of the exported checkpoint: name -> (shape, dtype), from the files alone."""
+    from safetensors import safe_open
+
+    layout = {}
+    for path in sorted((run_dir / "model").glob("*.safetensors")):
+        with safe_open(path, "pt") as tensors:
+            for name in tensors.keys():
+                piece = tensors.get_slice(name)
+                layout[name] = (tuple(piece.get_shape()), piece.get_dtype())
+    return layout
+
+
+def test_sharded_workers_train_what_one_does_export_alike_and_resume_exactly(tmp_path, organism, one_worker):
+    """training.sharding fsdp, 2 CPU workers (FSDP2 on gloo: the frozen weights sharded, the
+    deltas and routers replicated and their gradients averaged) vs 1 unsharded worker, same
+    global batch: the same tolerance and reasoning as the 2-worker DDP test above. The exported
+    checkpoint has the unsharded one's files, tensor names, shapes and dtypes, and a killed
+    sharded job resumes to exactly the uninterrupted one."""
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    sharded = _run_job(_config(tmp_path, "fsdp", organism, num_workers=2, sharding="fsdp", **LAYOUT), env)
+    assert "[align] memory: " in sharded.stdout
+    two = _assert_trains_what_one_worker_does(one_worker, tmp_path / "fsdp", organism)
+    assert _tensor_layout(tmp_path / "fsdp") == _tensor_layout(one_worker)
+    files = [{p.name for p in (run / "model").iterdir()} for run in (tmp_path / "fsdp", one_worker)]
+    assert files[0] == files[1]
+    _assert_a_killed_job_resumes_to(two, _config(tmp_path, "killed", organism, num_workers=2, sharding="fsdp",
+                                                 **LAYOUT), tmp_path / "killed", env)
+
+
+def test_training_over_the_memory_estimate_is_refused_with_one_line(tmp_path, organism):
+    """The estimate (alignment.sharding) against this machine's memory, before any training
+    worker starts: a global batch of 4096 rows of 4096 tokens needs terabytes."""
+    run = subprocess.run(RUN + ["--config", str(_config(tmp_path, "huge", organism, batch_size=4096,
+                                                        max_length=4096))],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "training needs about" in run.stderr and "training.memory_check false" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "huge" / "ray_train").exists()

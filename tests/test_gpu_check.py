@@ -29,6 +29,8 @@ def test_the_alignment_step_config_is_a_valid_alignment_config(tmp_path):
     settings = _gpu_check().alignment_config("some/model", str(tmp_path), workers=2)
     config = AlignmentConfig.model_validate(settings)
     assert config.training.num_workers == 2 and config.training.use_gpu and not config.evaluation.enabled
+    sharded = _gpu_check().alignment_config("some/model", str(tmp_path), workers=2, sharding="fsdp")
+    assert AlignmentConfig.model_validate(sharded).training.sharding == "fsdp"
 
 
 def test_the_gpu_form_has_qwen3_30b_a3b_layer_shapes():
