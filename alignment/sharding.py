@@ -207,6 +207,7 @@ def estimate_model_memory(model: nn.Module, trainable: Trainable, training: Trai
     workers, sharded = training.num_workers, training.sharding == "fsdp"
     trained = {id(p) for p in trainable.params.values()}
     frozen = [p for p in model.parameters() if id(p) not in trained]
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft (lora)
     layers = list(_decoder_layers(model))
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
     root = sum(p.numel() for p in frozen if id(p) not in in_layers)

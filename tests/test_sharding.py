@@ -102,6 +102,8 @@ def test_the_estimate_counts_weights_trainable_state_and_activations():
     assert _estimate(num_workers=1, batch_size=8, max_length=128).activations == 2 * one.activations
     sft = _estimate(num_workers=1, batch_size=8, max_length=64, method="sft_all")
     assert sft.weights == 0 and sft.trainable == 4 * 5 * base
+    lora = _estimate(num_workers=1, batch_size=8, max_length=64, method="lora")  # a peft wrapper
+    assert lora.weights == 4 * base and lora.activations > 0 and 0 < lora.trainable < one.trainable
 
 
 def test_a_layout_over_the_memory_is_refused_with_one_line():
