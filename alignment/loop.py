@@ -25,7 +25,7 @@ from alignment.data import Example, load_alignment_data
 from alignment.distributed import global_sum, world_size
 from alignment.methods import method_spec
 from alignment.router_loss import TiltTarget, TransportTarget, ot_kl_loss
-from alignment.trainable import Trainable, load_model, make_trainable
+from alignment.trainable import Trainable, load_model, make_trainable, unwrapped
 from moe_routing.architectures import RouterSpec, describe
 from moe_routing.instrument import RouterLogits, capture_router_logits, force_experts, mask_experts
 from moe_routing.sft import collate, encode_chat, label_weight, warmup_cosine, weighted_lm_loss
@@ -149,6 +149,19 @@ def _latest_checkpoint(root: Path, trainable: Trainable, device) -> dict | None:
     return None
 
 
+def load_trainable(checkpoint: str, training: TrainingConfig, experts, device: torch.device):
+    """(model, Trainable, tokenizer) as a training worker holds them: the whole model, or with
+    training.sharding fsdp its frozen weights sharded over the process group (FSDP2)."""
+    if training.sharding == "fsdp":
+        from alignment.sharding import load_sharded
+
+        return load_sharded(checkpoint, training.method, experts, device, dtype=training.dtype,
+                            lora_rank=training.lora_rank)
+    model, tokenizer = load_model(checkpoint, training.dtype, str(device))
+    model, trainable = make_trainable(model, training.method, experts, lora_rank=training.lora_rank)
+    return model, trainable, tokenizer
+
+
 def train_worker(job: dict) -> None:
     """Ray Train's per-worker loop. `job`: config (dict), checkpoint, experts (the trained
     (layer, expert) pairs), safety_set (D: where the router target sends safety tokens), cost
@@ -165,18 +178,10 @@ def train_worker(job: dict) -> None:
     device = ray.train.torch.get_device() if training.use_gpu else torch.device("cpu")
     torch.manual_seed(config.seed)
 
-    experts = [tuple(p) for p in job["experts"]]
     sharded = training.sharding == "fsdp"
-    if sharded:  # frozen weights sharded over the workers (FSDP2), what trains replicated
-        from alignment.sharding import average_gradients, load_sharded
-
-        model, trainable, tokenizer = load_sharded(job["checkpoint"], training.method, experts, device,
-                                                   dtype=training.dtype, lora_rank=training.lora_rank)
-        moe = describe(model)
-    else:
-        model, tokenizer = load_model(job["checkpoint"], training.dtype, str(device))
-        moe = describe(model)
-        model, trainable = make_trainable(model, training.method, experts, lora_rank=training.lora_rank)
+    model, trainable, tokenizer = load_trainable(job["checkpoint"], training,
+                                                 [tuple(p) for p in job["experts"]], device)
+    moe = describe(unwrapped(model))
     safety_set = torch.zeros(moe.num_layers, moe.num_experts, dtype=torch.bool, device=device)
     for layer, expert in job.get("safety_set", []):
         safety_set[layer, expert] = True
@@ -245,6 +250,8 @@ def train_worker(job: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if sharded:
+                from alignment.sharding import average_gradients
+
                 average_gradients(trainable.params.values())  # DDP does this without sharding
             torch.nn.utils.clip_grad_norm_(list(trainable.params.values()), training.grad_clip)
             optimizer.step()

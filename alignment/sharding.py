@@ -201,13 +201,14 @@ def estimate_model_memory(model: nn.Module, trainable: Trainable, training: Trai
     import torch
     from torch import nn
 
+    from alignment.trainable import unwrapped
     from moe_routing.architectures import _decoder_layers, describe
 
     size = torch.empty((), dtype=getattr(torch, training.dtype)).element_size()
     workers, sharded = training.num_workers, training.sharding == "fsdp"
     trained = {id(p) for p in trainable.params.values()}
     frozen = [p for p in model.parameters() if id(p) not in trained]
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft (lora)
+    model = unwrapped(model)  # lora: the peft wrapper holds the decoder layers inside
     layers = list(_decoder_layers(model))
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
     root = sum(p.numel() for p in frozen if id(p) not in in_layers)

@@ -61,6 +61,11 @@ class RowDelta(nn.Module):
         return block.as_strided(size, stride, offset - first * row_size)
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside `model` (method lora wraps it in a peft model)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @dataclass
 class Trainable:
     """What a method trains: `params` by name, plus the means to see the untrained reference."""

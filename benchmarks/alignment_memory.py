@@ -136,9 +136,8 @@ def estimate_worker(job: dict) -> None:
     import ray.train
     import torch
 
-    from alignment.loop import Batch, router_target, training_loss
-    from alignment.sharding import average_gradients, load_sharded
-    from alignment.trainable import load_model, make_trainable
+    from alignment.loop import Batch, load_trainable, router_target, training_loss
+    from alignment.sharding import average_gradients
     from moe_routing.architectures import describe
     from moe_routing.instrument import capture_router_logits
 
@@ -147,11 +146,7 @@ def estimate_worker(job: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     checkpoint, sharding = job["checkpoint"], job["sharding"]
     training, experts = _training(sharding, world), _experts(checkpoint, job["selected"])
-    if sharding == "fsdp":
-        model, trainable, _ = load_sharded(checkpoint, "mesa", experts, torch.device("cpu"), dtype="float32")
-    else:
-        model, _ = load_model(checkpoint, "float32", "cpu")
-        model, trainable = make_trainable(model, "mesa", experts)
+    model, trainable, _ = load_trainable(checkpoint, training, experts, torch.device("cpu"))
     inner = model
     if world > 1 and sharding == "none":
         model = ray.train.torch.prepare_model(model, move_to_device=False)
