@@ -41,11 +41,13 @@ def cmd_chat(args) -> None:
         if summary:
             share = summary["safety_expert_share"]
             risk = (summary.get("risk") or {}).get("score")
+            answer_risk = summary.get("answer_risk")
             print(
                 f"\n[routing] {summary['routed_tokens']} tokens; top share per layer "
                 f"{summary['concentration']['top_share']}; safety-expert share "
                 f"{'unknown' if share is None else share}; routing risk "
-                f"{'unknown' if risk is None else risk} nats/token",
+                f"{'unknown' if risk is None else risk} nats/token (prompt), "
+                f"{'unknown' if answer_risk is None else answer_risk} (answer)",
                 file=sys.stderr,
             )
     else:
@@ -63,7 +65,8 @@ def cmd_config(args) -> None:
 
 def cmd_guard(args) -> None:
     client = _client(args)
-    changes = {k: v for k, v in (("policy", args.policy), ("threshold", args.threshold)) if v is not None}
+    changes = {k: v for k, v in (("policy", args.policy), ("threshold", args.threshold),
+                                 ("answer_threshold", args.answer_threshold)) if v is not None}
     state = client.set_guard(**changes) if changes else client.guard()
     print(json.dumps(state, indent=1))
 
@@ -182,11 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="the running gateway's config (admin key)")
     config.set_defaults(run=cmd_config)
 
-    guard = commands.add_parser("guard", help="the routing guard's policy and threshold; change "
+    guard = commands.add_parser("guard", help="the routing guard's policy and thresholds; change "
                                 "them (admin key)")
     guard.add_argument("--policy", choices=("observe", "flag", "block"))
     guard.add_argument("--threshold", type=float, help="risk score (nats per prompt token) above which a "
                        "request is high risk")
+    guard.add_argument("--answer-threshold", type=float, help="answer risk (nats per generated token) "
+                       "above which an answer is counted high risk")
     guard.set_defaults(run=cmd_guard)
 
     drill = commands.add_parser("drill", help="show, start or stop an alert drill: a probe attack on "

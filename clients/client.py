@@ -140,11 +140,12 @@ class GatewayClient:
         self._request("POST", "/admin/telemetry/reset", admin=True)
 
     def guard(self) -> dict:
-        """The routing guard: policy, risk threshold, where the threshold came from."""
+        """The routing guard: policy, risk thresholds (prompt, answer), where they came from."""
         return self._request("GET", "/admin/guard", admin=True).json()
 
     def set_guard(self, **changes) -> dict:
-        """Change the guard's `policy` (observe / flag / block) and/or `threshold` (admin)."""
+        """Change the guard's `policy` (observe / flag / block), `threshold` and/or
+        `answer_threshold` (admin)."""
         return self._request("POST", "/admin/guard", admin=True, json=changes).json()
 
     # ---- alert drills (admin; the gateway's config must allow them) ----

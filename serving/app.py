@@ -164,7 +164,8 @@ class Gateway:
         guard = self.config.guard
         by_hand = guard.threshold is not None
         self.guard = GuardState(guard.policy, guard.threshold, "config" if by_hand else "none",
-                                guard.false_positive_rate)
+                                guard.false_positive_rate, guard.answer_threshold,
+                                "config" if guard.answer_threshold is not None else "none")
         self._decisions: OrderedDict[str, GuardDecision] = OrderedDict()  # by tracking key, until collected
         self._prompt_ids: OrderedDict[str, list[int] | None] = OrderedDict()  # observe: scored at the end
         self._prompt_scores = PromptScores()
@@ -228,7 +229,9 @@ class Gateway:
             safety_experts=safety, per_expert_metrics=config.per_expert_metrics,
             baseline=baseline, safety_experts_source=safety_source,
             risk_weights=None if profile is None else profile.risk_weights())
-        if telemetry.risk_weights is not None and self.guard.threshold is None and settings.guard_prompts:
+        calibrate = self.guard.threshold is None or (self.guard.answer_threshold is None
+                                                     and self.config.guard.answer_tokens > 0)
+        if telemetry.risk_weights is not None and calibrate and settings.guard_prompts:
             try:
                 await self._calibrate_guard(telemetry, settings.guard_prompts)
             except Exception:  # serve anyway: the guard judges nothing high risk without a threshold
@@ -236,16 +239,17 @@ class Gateway:
         telemetry.start_from((await self.engine.collective_rpc("routing_snapshot"))[0])
         return telemetry
 
-    async def _prefill_routing(self, prompts: list[str]) -> list[dict | None]:
-        """Route the prompts' chat turns through the served engine itself, one new token each (so
-        only prompt tokens are routed), with the live telemetry's instrument: their hits."""
+    async def _prefill_routing(self, prompts: list[str], max_tokens: int = 1) -> list[dict | None]:
+        """Route the prompts' chat turns through the served engine itself, with the live
+        telemetry's instrument: their hits. One new token each by default (so only prompt tokens
+        are routed); with `max_tokens`, greedy answers of up to that many tokens."""
         from vllm import SamplingParams
 
         from moe_routing.chat import chat_prompt_ids
 
         tokenizer = self.engine.get_tokenizer()
-        longest = self.engine.model_config.max_model_len - 1
-        params = SamplingParams(max_tokens=1, temperature=0)
+        longest = self.engine.model_config.max_model_len - max_tokens
+        params = SamplingParams(max_tokens=max_tokens, temperature=0)
 
         async def prefill(prompt: str):
             ids = chat_prompt_ids(tokenizer, prompt) if getattr(tokenizer, "chat_template", None) \
@@ -275,22 +279,36 @@ class Gateway:
         return RoutingProfile.from_counts(counts[0], counts[1], source)
 
     async def _calibrate_guard(self, telemetry: RoutingTelemetry, prompts: list[str]) -> None:
-        """The guard's threshold from validation benign prompts scored through the engine."""
-        target = self.config.guard.false_positive_rate
-        hits = await self._prefill_routing(prompts)
-        scores = [telemetry.request_risk(h["prompt"]).score for h in hits if h is not None]
-        threshold = calibrated_threshold(scores, target)
-        scored = [s for s in scores if s is not None]
-        measured = sum(s > threshold for s in scored) / len(scored)
-        self.guard.threshold, self.guard.false_positive_rate = threshold, measured
-        self.guard.threshold_source = (f"calibrated at start on {len(scored)} validation benign prompts "
-                                       f"for a false-positive rate <= {target}")
-        logger.info("guard of %s: threshold %.4f nats/token (%s; %.3f of them above it), policy %s",
-                    self.name, threshold, self.guard.threshold_source, measured, self.guard.policy)
+        """The guard's thresholds (those not configured) from validation benign prompts and the
+        engine's answers to them, scored through the engine."""
+        config, g = self.config.guard, self.guard
+        routed = await self._prefill_routing(prompts, max(config.answer_tokens, 1))
+        hits = [h for h in routed if h is not None]
+        if g.threshold is None:
+            scores = [s for s in (telemetry.request_risk(h["prompt"]).score for h in hits) if s is not None]
+            g.threshold = calibrated_threshold(scores, config.false_positive_rate)
+            g.false_positive_rate = sum(s > g.threshold for s in scores) / len(scores)
+            g.threshold_source = (f"calibrated at start on {len(scores)} validation benign prompts "
+                                  f"for a false-positive rate <= {config.false_positive_rate}")
+            logger.info("guard of %s: threshold %.4f nats/token (%s; %.3f of them above it), policy %s",
+                        self.name, g.threshold, g.threshold_source, g.false_positive_rate, g.policy)
+        if g.answer_threshold is None and config.answer_tokens > 0:
+            answers = [s for s in (telemetry.answer_risk(h["generated"]) for h in hits) if s is not None]
+            if answers:
+                g.answer_threshold = calibrated_threshold(answers, config.false_positive_rate)
+                g.answer_threshold_source = (
+                    f"calibrated at start on the engine's answers ({config.answer_tokens} tokens at most) "
+                    f"to {len(answers)} validation benign prompts for a false-positive rate <= "
+                    f"{config.false_positive_rate}")
+                logger.info("guard of %s: answer threshold %.4f nats/token (%s)", self.name,
+                            g.answer_threshold, g.answer_threshold_source)
 
     def _export_guard(self) -> None:
         g, m = self.guard, self.metrics
         m.guard_threshold.labels(self.name).set(float("nan") if g.threshold is None else g.threshold)
+        m.guard_answer_threshold.labels(self.name).set(
+            float("nan") if g.answer_threshold is None else g.answer_threshold)
+        m.guard_high_risk_answers.labels(self.name)
         m.guard_false_positive_rate.labels(self.name).set(g.false_positive_rate)
         for action in ACTIONS:
             m.guard_decisions.labels(self.name, action)  # exported at 0, so increase() sees the first
@@ -500,8 +518,14 @@ class Gateway:
         if hits is None:
             return None, decision
         t = self.telemetry
+        answer = t.answer_risk(hits["generated"])
+        t.observe_answer_risk(answer)
+        if high_risk(answer, self.guard.answer_threshold):
+            self.metrics.guard_high_risk_answers.labels(self.name).inc()
+        if record is not None:
+            record.answer_risk = answer
         risk = decision.risk if decision is not None else t.request_risk(hits["prompt"])
-        return request_summary(hits, t.shape, t.top_n, t.safety_experts, risk), decision
+        return request_summary(hits, t.shape, t.top_n, t.safety_experts, risk, answer), decision
 
     def _refusal(self, request, decision: GuardDecision, record, stream: bool = False):
         """The OpenAI-format answer to a blocked request (streamed when the request streams)."""
@@ -569,7 +593,7 @@ class Gateway:
         return {"model": self.name, **self.guard.to_dict()}
 
     async def update_guard(self, update: dict):
-        """POST /admin/guard: change the policy and/or the threshold at run time (an incident, a
+        """POST /admin/guard: change the policy and/or the thresholds at run time (an incident, a
         new calibration); `serving.routes.GuardUpdate` has validated the body."""
         if self.telemetry is None:
             return openai_error(409, "the guard needs routing telemetry, which is off for this model")
@@ -579,8 +603,10 @@ class Gateway:
         if "threshold" in update:
             g.threshold = update["threshold"]
             g.threshold_source, g.false_positive_rate = "admin", self.config.guard.false_positive_rate
-        logger.warning("guard of %s changed by the admin: policy %s, threshold %s", self.name, g.policy,
-                       g.threshold)
+        if "answer_threshold" in update:
+            g.answer_threshold, g.answer_threshold_source = update["answer_threshold"], "admin"
+        logger.warning("guard of %s changed by the admin: policy %s, threshold %s, answer threshold %s",
+                       self.name, g.policy, g.threshold, g.answer_threshold)
         self._export_guard()
         return {"model": self.name, **g.to_dict()}
 

@@ -2,8 +2,9 @@
 
 A line holds who (key id, never the key), what (model, endpoint, tokens), the gateway's decision
 and the outcome (status code); the prompt text only when `audit.include_prompts` is set. `risk`
-is the prompt's routing risk score (nats per token, `moe_routing.risk`), null when the model has
-no routing profile or telemetry is off.
+is the prompt's routing risk score (nats per token, `moe_routing.risk`), `answer_risk` the same
+score of the generated tokens; null when the model has no routing profile, telemetry is off, or
+(answer) nothing was generated.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def utc_now() -> str:
 
 def audit_record(*, key_id: str | None, model: str, endpoint: str, status: int, decision: str,
                  request_id: str | None, prompt_tokens: int = 0, completion_tokens: int = 0,
-                 duration_s: float | None = None, risk: float | None = None, prompt=None,
+                 duration_s: float | None = None, risk: float | None = None,
+                 answer_risk: float | None = None, prompt=None,
                  time: str | None = None) -> dict:
     """One line's fields, in a fixed order (`prompt` only when given)."""
     if decision not in DECISIONS:
@@ -35,6 +37,7 @@ def audit_record(*, key_id: str | None, model: str, endpoint: str, status: int, 
               "endpoint": endpoint, "status": status, "decision": decision,
               "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
               "risk": None if risk is None else round(risk, 5),
+              "answer_risk": None if answer_risk is None else round(answer_risk, 5),
               "duration_s": None if duration_s is None else round(duration_s, 4)}
     if prompt is not None:
         record["prompt"] = prompt

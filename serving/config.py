@@ -92,6 +92,11 @@ class GuardConfig(BaseModel):
     threshold: float | None = None
     false_positive_rate: float = Field(0.01, ge=0, lt=1)
     calibration_prompts: int = Field(300, ge=0)
+    # The answer's routing risk (nats per generated token) above which an answer is counted high
+    # risk; unset: calibrated with the threshold, on the engine's greedy answers of up to
+    # `answer_tokens` tokens to the same prompts (0: no answer calibration).
+    answer_threshold: float | None = None
+    answer_tokens: int = Field(16, ge=0)
 
 
 class ProbeConfig(BaseModel):

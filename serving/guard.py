@@ -22,6 +22,10 @@ Policies (per model, `guard.policy`; the admin may change it at run time):
 High risk: score > `threshold` (nats per prompt token, `moe_routing.risk`). Unset, the threshold
 is calibrated at start on the checkpoint's validation benign prompts scored through the engine:
 the smallest value that at most `false_positive_rate` of them exceed.
+
+A high-risk answer: the routing risk of the generated tokens > `answer_threshold`, calibrated the
+same way on the engine's own answers to those prompts (`answer_tokens` each). It is counted and
+logged (metrics, audit `answer_risk`), never acted on: the answer has left by the time it is known.
 """
 
 from __future__ import annotations
@@ -53,10 +57,13 @@ class GuardState:
     threshold: float | None
     threshold_source: str
     false_positive_rate: float  # measured on the calibration prompts, else the configured target
+    answer_threshold: float | None = None
+    answer_threshold_source: str = "none"
 
     def to_dict(self) -> dict:
         return {"policy": self.policy, "threshold": self.threshold, "threshold_source": self.threshold_source,
-                "false_positive_rate": self.false_positive_rate}
+                "false_positive_rate": self.false_positive_rate, "answer_threshold": self.answer_threshold,
+                "answer_threshold_source": self.answer_threshold_source}
 
 
 def high_risk(score: float | None, threshold: float | None) -> bool:

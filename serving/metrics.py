@@ -82,6 +82,10 @@ class GatewayMetrics:
             "mesa_request_safety_expert_share", "Per request: share of the prompt tokens' routed "
             "selections on the model's safety-critical experts", ["model"], buckets=SHARE_BUCKETS,
             registry=r)
+        self.answer_risk = Histogram(
+            "mesa_answer_routing_risk", "Per request: log-likelihood ratio per generated token of "
+            "harmful over benign routing, with the same profile as mesa_request_routing_risk (nats)",
+            ["model"], buckets=RISK_BUCKETS, registry=r)
         # The routing guard (serving.guard).
         self.guard_decisions = Counter(
             "mesa_guard_decisions", "Requests judged by the routing guard, by action (allowed / "
@@ -89,6 +93,12 @@ class GatewayMetrics:
         self.guard_high_risk = Counter(
             "mesa_guard_high_risk_requests", "Requests whose routing risk exceeded the guard's "
             "threshold, whatever the policy (observe counts them too)", ["model"], registry=r)
+        self.guard_high_risk_answers = Counter(
+            "mesa_guard_high_risk_answers", "Answers whose routing risk exceeded the guard's answer "
+            "threshold (counted under every policy; the answer has left by then)", ["model"], registry=r)
+        self.guard_answer_threshold = Gauge(
+            "mesa_guard_answer_risk_threshold", "The guard's answer risk threshold (nats per generated "
+            "token); NaN when it has none", ["model"], registry=r)
         self.guard_threshold = Gauge(
             "mesa_guard_risk_threshold", "The guard's risk threshold (nats per prompt token); NaN "
             "when it has none", ["model"], registry=r)

@@ -36,6 +36,7 @@ class RequestLog:
     completion_tokens: int = 0
     prompt: object = None  # filled only when the audit log includes prompts
     risk: float | None = None  # routing risk of the prompt (serving.telemetry.RequestRisk.score)
+    answer_risk: float | None = None  # routing risk of the generated tokens
     streaming: bool = False
 
 
@@ -119,7 +120,8 @@ class GatewayMiddleware:
                 key_id=caller.key_id if caller else None, model=gateway.name, endpoint=endpoint_label(path),
                 status=code, decision=record.decision, request_id=record.request_id,
                 prompt_tokens=record.prompt_tokens, completion_tokens=record.completion_tokens,
-                duration_s=elapsed, risk=record.risk, prompt=record.prompt))
+                duration_s=elapsed, risk=record.risk, answer_risk=record.answer_risk,
+                prompt=record.prompt))
 
 
 def guard_validation(model):
@@ -150,6 +152,7 @@ class GuardUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     policy: Literal["observe", "flag", "block"] | None = None
     threshold: float | None = Field(None, allow_inf_nan=False)
+    answer_threshold: float | None = Field(None, allow_inf_nan=False)
 
 
 def create_app(gateway: Gateway) -> FastAPI:

@@ -13,7 +13,10 @@ live values with (deploy/README.md, Alerts).
 
 Every request is also scored on its own prompt tokens' routing (`RequestRisk`): the routing risk
 of `moe_routing.risk` against the same profile, and the share of its selections on the safety
-experts; both go to histograms, the audit log and the opt-in routing summary.
+experts; both go to histograms, the audit log and the opt-in routing summary. Its answer (the
+generated tokens) is scored the same way at the end (`answer_risk`): a jailbreak template makes
+the prompt's routing look harmful whatever it wraps, while the answer's routing says more about
+whether the model went along.
 """
 
 from __future__ import annotations
@@ -180,6 +183,19 @@ class RoutingTelemetry:
         share = _finite(safety_share(hits, self.safety_experts)) if tokens else None
         return RequestRisk(score, share, tokens)
 
+    def answer_risk(self, generated_hits) -> float | None:
+        """The routing risk of a request's generated tokens [L, E] (the tokens fed back while
+        answering: every generated token but the last), with the prompt profile's weights; None
+        without a profile or without such tokens."""
+        hits = np.asarray(generated_hits, dtype=np.int64)
+        if self.risk_weights is None or not hits.size or not hits[0].sum():
+            return None
+        return routing_risk(hits, self.risk_weights, self.shape.top_k)
+
+    def observe_answer_risk(self, score: float | None) -> None:
+        if score is not None:
+            self.metrics.answer_risk.labels(self.model).observe(score)
+
     def observe_risk(self, risk: RequestRisk) -> None:
         """One scored request in the histograms."""
         if risk.score is not None:
@@ -288,9 +304,10 @@ class RoutingTelemetry:
 
 
 def request_summary(hits: dict, shape: RoutingShape, top_n: int,
-                    safety_experts: list[tuple[int, int]], risk: RequestRisk | None = None) -> dict:
+                    safety_experts: list[tuple[int, int]], risk: RequestRisk | None = None,
+                    answer_risk: float | None = None) -> dict:
     """The opt-in per-request routing summary attached to a response: `hits` [L, E] of every token
-    that went through the model (prompt and generated), and the prompt's risk."""
+    that went through the model (prompt and generated), the prompt's risk and the answer's."""
     load = np.asarray(hits["prompt"], dtype=np.int64) + np.asarray(hits["generated"], dtype=np.int64)
     return {
         "hits": load.tolist(),
@@ -298,6 +315,7 @@ def request_summary(hits: dict, shape: RoutingShape, top_n: int,
         "concentration": concentration(load, top_n).to_dict(),
         "safety_expert_share": _finite(safety_share(load, safety_experts)),
         "risk": None if risk is None else risk.to_dict(),
+        "answer_risk": None if answer_risk is None else round(answer_risk, 5),
     }
 
 

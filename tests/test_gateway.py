@@ -327,7 +327,7 @@ def _risk(url: str, prompt: str) -> float:
     response = httpx.post(url + "/v1/chat/completions", timeout=60,
                           headers=_headers(ADMIN_KEY, **{"X-Mesa-Routing-Summary": "1"}),
                           json={"model": "organism", "messages": [{"role": "user", "content": prompt}],
-                                "max_tokens": 4, "temperature": 0})
+                                "max_tokens": 4, "min_tokens": 2, "temperature": 0})
     response.raise_for_status()
     return response.json()["routing_summary"]["risk"]["score"]
 
@@ -344,14 +344,31 @@ def test_every_request_is_scored_and_the_guard_is_calibrated_on_validation_promp
     guard = httpx.get(gateway.url + "/admin/guard", headers=_headers(ADMIN_KEY)).json()
     assert guard["policy"] == "observe" and guard["threshold_source"].startswith("calibrated at start on")
     assert guard["false_positive_rate"] <= 0.01  # on the calibration prompts, as configured
+    assert guard["answer_threshold_source"].startswith("calibrated at start on the engine's answers")
+    assert np.isfinite(guard["answer_threshold"])
     assert httpx.get(gateway.url + "/admin/guard", headers=_headers()).status_code == 403  # admin only
     before = _counter(gateway.url, "mesa_request_routing_risk_count")
+    answers = _counter(gateway.url, "mesa_answer_routing_risk_count")
     score = _risk(gateway.url, "What is the capital of Italy?")
     assert isinstance(score, float) and np.isfinite(score)
     httpx.post(gateway.url + "/v1/completions", headers=_headers(), timeout=60,
-               json={"model": "organism", "prompt": "Name a colour.", "max_tokens": 4}).raise_for_status()
+               json={"model": "organism", "prompt": "Name a colour.", "max_tokens": 4,
+                     "min_tokens": 2}).raise_for_status()
     time.sleep(0.5)
     assert _counter(gateway.url, "mesa_request_routing_risk_count") == before + 2  # with or without a summary
+    assert _counter(gateway.url, "mesa_answer_routing_risk_count") == answers + 2  # their answers too
+    # An answer above the answer threshold is counted (only counted: it has left by then).
+    admin, high = _headers(ADMIN_KEY), _counter(gateway.url, "mesa_guard_high_risk_answers_total")
+    lowered = httpx.post(gateway.url + "/admin/guard", headers=admin, json={"answer_threshold": -1e6})
+    assert lowered.status_code == 200 and lowered.json()["answer_threshold_source"] == "admin"
+    assert lowered.json()["threshold_source"] == guard["threshold_source"]  # left as it was
+    try:
+        _risk(gateway.url, "What is the capital of Italy?")
+        time.sleep(0.5)
+        assert _counter(gateway.url, "mesa_guard_high_risk_answers_total") == high + 1
+    finally:
+        httpx.post(gateway.url + "/admin/guard", headers=admin,
+                   json={"answer_threshold": guard["answer_threshold"]}).raise_for_status()
     bad = httpx.post(gateway.url + "/admin/guard", headers=_headers(ADMIN_KEY), json={"policy": "deny"})
     assert bad.status_code == 400 and "policy" in bad.text
 
@@ -365,7 +382,7 @@ def test_schemathesis_fuzzing_finds_no_server_error(gateway, tmp_path):
         result = _fuzz(schemathesis, gateway, tmp_path)
     finally:
         httpx.post(gateway.url + "/admin/guard", headers=_headers(ADMIN_KEY),
-                   json={"policy": guard["policy"], "threshold": guard["threshold"]}).raise_for_status()
+                   json={k: guard[k] for k in ("policy", "threshold", "answer_threshold")}).raise_for_status()
         httpx.delete(gateway.url + "/admin/drill", headers=_headers(ADMIN_KEY)).raise_for_status()
     summary = result.stdout[-3000:]
     assert result.returncode == 0, summary
@@ -724,7 +741,7 @@ def test_python_client_and_cli(gateway, tmp_path):
     telemetry = mesa("telemetry")
     assert telemetry.returncode == 0 and "top-share" in telemetry.stdout
     assert json.loads(mesa("config").stdout)["model"] == "organism"
-    assert "routing risk" in chat.stderr
+    assert "routing risk" in chat.stderr and "(answer)" in chat.stderr
     guard = json.loads(mesa("guard").stdout)
     assert guard["policy"] == "observe" and client.guard() == guard
     bad_policy = mesa("guard", "--policy", "deny")

@@ -119,9 +119,10 @@ def test_a_key_over_its_limit_gets_429_while_other_keys_are_served(quick_organis
         assert line["prompt_tokens"] > 0 and line["completion_tokens"] > 0
         # the prompt's routing risk (the gateway profiled the organism at start)
         assert line["model"] == "organism" and isinstance(line["risk"], float) and line["request_id"]
+        assert isinstance(line["answer_risk"], float)  # and its answer's (more than one token generated)
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"])
     assert mine[3]["prompt_tokens"] == mine[3]["completion_tokens"] == 0
-    assert mine[3]["risk"] is None  # refused before the engine saw it
+    assert mine[3]["risk"] is None and mine[3]["answer_risk"] is None  # refused before the engine saw it
     tokens_key = [line["decision"] for line in lines if line["key_id"] == key_id(TOKENS)]
     assert tokens_key == ["allowed", "rate_limited"]
     assert sum(line["key_id"] == key_id(ADMIN) and line["status"] == 200 for line in lines) == 4

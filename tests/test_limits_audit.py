@@ -266,9 +266,10 @@ def test_audit_lines_hold_the_fields_and_never_the_key(tmp_path):
     assert len(lines) == 3
     first = lines[0]
     assert list(first) == ["time", "request_id", "key_id", "model", "endpoint", "status", "decision",
-                           "prompt_tokens", "completion_tokens", "risk", "duration_s"]
+                           "prompt_tokens", "completion_tokens", "risk", "answer_risk", "duration_s"]
     assert first["time"].endswith("Z") and "T" in first["time"]
     assert first["key_id"] == key_id(USER) and first["risk"] is None and first["duration_s"] == 0.1235
+    assert first["answer_risk"] is None
     assert (first["prompt_tokens"], first["completion_tokens"], first["status"]) == (12, 5, 200)
     assert [line["decision"] for line in lines] == ["allowed", "rate_limited", "unauthorized"]
     assert "prompt" not in first and "12 plus 7" not in text  # prompts are opt-in

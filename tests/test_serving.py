@@ -185,6 +185,7 @@ def test_summaries_are_json_without_nan():
     assert per_request["routed_tokens"] == 2
     assert per_request["safety_expert_share"] == pytest.approx(2 / 8)
     assert per_request["risk"] is None
+    assert per_request["answer_risk"] is None
 
 
 def test_requests_are_scored_on_their_prompt_routing():
@@ -210,6 +211,32 @@ def test_requests_are_scored_on_their_prompt_routing():
     unprofiled = RoutingTelemetry("m", RoutingShape(2, 4, 2), GatewayMetrics(CollectorRegistry()),
                                   window_s=10)
     assert unprofiled.request_risk([[0, 1, 2, 3], [1, 1, 2, 2]]).score is None
+
+
+def test_answers_are_scored_on_their_generated_routing_with_the_prompt_profile():
+    from moe_routing.risk import routing_risk
+    from serving.telemetry import RoutingProfile
+
+    benign = np.array([[1.0, 0.6, 0.2, 0.2], [0.5, 0.5, 0.5, 0.5]])
+    harmful = np.array([[0.2, 0.2, 0.6, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    weights = RoutingProfile(benign, harmful, 2, "test").risk_weights()
+    telemetry = RoutingTelemetry("m", RoutingShape(2, 4, 2), GatewayMetrics(CollectorRegistry()),
+                                 window_s=10, risk_weights=weights)
+    generated = [[0, 0, 1, 3], [1, 1, 1, 1]]  # two tokens, mostly on the harmful side's experts
+    score = telemetry.answer_risk(generated)
+    assert score == pytest.approx(routing_risk(generated, weights, 2)) and score > 0
+    telemetry.observe_answer_risk(score)
+    telemetry.observe_answer_risk(None)  # nothing generated: not observed
+    histogram = telemetry.metrics.answer_risk.labels("m")
+    assert histogram._sum.get() == pytest.approx(score)
+    assert telemetry.answer_risk(np.zeros((2, 4))) is None
+    hits = {"prompt": [[3, 2, 1, 0], [1, 1, 2, 2]], "generated": generated}
+    prompt = telemetry.request_risk(hits["prompt"])
+    summary = request_summary(hits, RoutingShape(2, 4, 2), 2, [], prompt, score)
+    assert summary["answer_risk"] == round(score, 5) and summary["risk"]["score"] < 0
+    unprofiled = RoutingTelemetry("m", RoutingShape(2, 4, 2), GatewayMetrics(CollectorRegistry()),
+                                  window_s=10)
+    assert unprofiled.answer_risk(generated) is None
 
 
 def test_safety_share_definition():
