@@ -14,9 +14,9 @@ live values with (deploy/README.md, Alerts).
 Every request is also scored on its own prompt tokens' routing (`RequestRisk`): the routing risk
 of `moe_routing.risk` against the same profile, and the share of its selections on the safety
 experts; both go to histograms, the audit log and the opt-in routing summary. Its answer (the
-generated tokens) is scored the same way at the end (`answer_risk`): a jailbreak template makes
-the prompt's routing look harmful whatever it wraps, while the answer's routing says more about
-whether the model went along.
+generated tokens) is scored the same way at the end (`answer_risk`): a second view, of what the
+model did with the prompt, beside the prompt's own score (which a jailbreak template pushes up
+whatever it wraps).
 """
 
 from __future__ import annotations
