@@ -30,8 +30,9 @@ from safety_eval.attacks import n50
 from safety_eval.stats import mcnemar
 
 # What `alignment.compare` tests when both rows are in the table: (A, B, measure), read "A beats B
-# on measure"; against each ablation: does the part it switches off raise N50.
-ABLATED = ("mesa_no_coverage", "mesa_no_transport", "mesa_no_forced")
+# on measure"; against each ablation: does the part it switches off raise N50; and forced routes
+# against the masking augmentation they replaced (the +mask row).
+ABLATED = ("mesa_no_coverage", "mesa_no_transport", "mesa_no_forced", "mesa_no_forced+mask")
 CLAIMS = (("mesa", "sft_all", "general_accuracy"), ("mesa", "safex", "n50_top"),
           *(("mesa", ablation, "n50_top") for ablation in ABLATED))
 
