@@ -35,7 +35,7 @@ from benchmarks.guard_detection import auc_entry  # noqa: E402
 from moe_routing.architectures import describe  # noqa: E402
 from moe_routing.instrument import capture_routing  # noqa: E402
 from moe_routing.profiler import ProfileSettings, format_prompts, load_checkpoint, tokenize_batch  # noqa: E402
-from moe_routing.risk import risk_weights  # noqa: E402
+from moe_routing.risk import risk_weights, routing_risk  # noqa: E402
 from organism.build import ensure_organism  # noqa: E402
 from safety_eval.harness import EvalSets  # noqa: E402
 from safety_eval.settings import SuiteSettings  # noqa: E402
@@ -81,11 +81,6 @@ def hits(selection: np.ndarray, num_experts: int) -> np.ndarray:
 def frequency(selections, num_experts: int) -> np.ndarray:
     """Hits per token [L, E] over many prompts."""
     return sum(hits(s, num_experts) for s in selections) / sum(len(s) for s in selections)
-
-
-def mean_score(counts: np.ndarray, weights: np.ndarray, top_k: int) -> float:
-    tokens = counts[0].sum() / top_k
-    return float((counts * weights).sum() / tokens) if tokens > 0 else float("nan")
 
 
 def window_max(selection: np.ndarray, weights: np.ndarray, window: int) -> float:
@@ -148,12 +143,12 @@ def measure(checkpoint: str) -> dict:
         left_out[name] = len(prompts) - len(kept)
         selections = [s for _, s in kept]
         counts = [hits(s, num_experts) for s in selections]
-        out = {"whole_prompt": [mean_score(c, weights, top_k) for c in counts]}
+        out = {"whole_prompt": [routing_risk(c, weights, top_k) for c in counts]}
         for window in WINDOWS:
             out[f"window_max_{window}"] = [window_max(s, weights, window) for s in selections]
-        out["templated_profile"] = [mean_score(c, templated, top_k) for c in counts]
+        out["templated_profile"] = [routing_risk(c, templated, top_k) for c in counts]
         out["logistic"] = [float(logistic(c.ravel() / (c[0].sum() / top_k))) for c in counts]
-        out["request_tokens"] = [mean_score(c - template_alone[i % len(unseen)], weights, top_k)
+        out["request_tokens"] = [routing_risk(c - template_alone[i % len(unseen)], weights, top_k)
                                  for (i, _), c in zip(kept, counts)]
         return out
 
@@ -165,7 +160,7 @@ def measure(checkpoint: str) -> dict:
         h = [x for x in harmful[name] if np.isfinite(x)]
         b = [x for x in benign[name] if np.isfinite(x)]
         report["templated_harmful_vs_templated_benign"][name] = auc_entry(h, b)
-    plain = [[mean_score(hits(s, num_experts), weights, top_k) for s in router.selections(list(ps))]
+    plain = [[routing_risk(hits(s, num_experts), weights, top_k) for s in router.selections(list(ps))]
              for ps in (test.harmful, test.benign)]
     report["plain_harmful_vs_plain_benign"] = {"whole_prompt": auc_entry(*plain)}
     return report
