@@ -4,8 +4,7 @@
   that safety routing relies on at that moment (:class:`SafetyRouting`), the attack to survive.
 - Forced routes [ours, ``mesa``]: some steps train the harmful rows under routes forced onto
   random k-subsets of each layer's safety set D_l (:func:`forced_routes`), so every member of
-  D_l learns to refuse on its own, not only in its usual company. With ``forced_copies``, copies
-  of the harmful rows take the forced routes and the rows themselves keep their own.
+  D_l learns to refuse on its own, not only in its usual company.
 
 Both are pure functions of (seed, step, state), so a resumed run draws what an uninterrupted
 one would; each draws from a stream of its own (:func:`step_rng`).
@@ -84,29 +83,17 @@ def augmentation_mask(step: int, seed: int, training: TrainingConfig, routing: S
     return routing.top(rng.randint(1, training.mask_max))
 
 
-def forced_step(step: int, seed: int, training: TrainingConfig) -> bool:
-    """Whether `step` trains under forced routes (probability `forced_routes`)."""
-    return training.forced_routes > 0 and step_rng("forced", seed, step).random() < training.forced_routes
-
-
-def with_forced_copies(rows: Sequence, harmful: Sequence[bool]) -> tuple[list, list[bool]]:
-    """`rows` plus a copy of each harmful row, and which rows to force: the copies only. With
-    ``forced_copies`` a forced step trains every harmful row under its own routing *and* under a
-    forced route, instead of trading the first for the second."""
-    copies = [row for row, is_harmful in zip(rows, harmful) if is_harmful]
-    return [*rows, *copies], [False] * len(rows) + [True] * len(copies)
-
-
 def forced_routes(step: int, seed: int, training: TrainingConfig, safety_set: Mapping[int, Sequence[int]],
                   top_k: int, harmful: Sequence[bool], length: int) -> dict[int, torch.Tensor]:
     """Per-token forcing ``{layer: [batch, length, k]}`` for `force_experts` (empty for most
-    steps): on a forced step (:func:`forced_step`), each row flagged in `harmful` gets, in every
-    layer whose safety set has at least k members, a k-subset of it drawn uniformly (the same for
-    all the row's tokens); other rows are left alone (-1)."""
-    if not any(harmful) or not forced_step(step, seed, training):
+    steps): with probability `forced_routes`, each harmful row gets, in every layer whose safety
+    set has at least k members, a k-subset of it drawn uniformly (the same for all the row's
+    tokens); other rows are left alone (-1)."""
+    if training.forced_routes == 0:
         return {}
     rng = step_rng("forced", seed, step)
-    rng.random()  # the step's coin, drawn by forced_step
+    if rng.random() >= training.forced_routes or not any(harmful):
+        return {}
     forced = {}
     for layer, members in sorted(safety_set.items()):
         if len(members) < top_k:

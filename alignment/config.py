@@ -66,11 +66,6 @@ class TrainingConfig(BaseModel):
     # validation prompts: at 0.5 mesa kept less of the plain Safety Rate (README, How the settings
     # were chosen).
     forced_routes: float = Field(0.25, ge=0, le=1)
-    # On a forced step, train copies of the harmful rows under forced routes and keep the rows
-    # themselves under their own routing (the batch grows by the harmful rows), instead of
-    # forcing the rows themselves. Tests whether plain Safety Rate drops because forced steps
-    # take harmful rows away from the routing the model serves with.
-    forced_copies: bool = False
     # Masking augmentation [ours, not in the paper]: with this probability a step trains under a
     # mask of the currently most safety-critical pairs (N uniform in 1..mask_max), the attack the
     # model must survive. 0 = off (paper MESA).

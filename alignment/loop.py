@@ -19,14 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alignment.augment import (
-    SafetyRouting,
-    augmentation_mask,
-    forced_routes,
-    forced_step,
-    step_rng,
-    with_forced_copies,
-)
+from alignment.augment import SafetyRouting, augmentation_mask, forced_routes, step_rng
 from alignment.config import AlignmentConfig, TrainingConfig
 from alignment.data import Example, load_alignment_data
 from alignment.distributed import global_sum, world_size
@@ -239,15 +232,12 @@ def train_worker(job: dict) -> None:
         model.train()
         for step in range(start, training.steps):
             rows = step_batch(step, config.seed, training, len(data.safety), len(data.general))
-            to_force = [examples[kind][i].harmful for kind, i in rows]
-            if training.forced_copies and forced_step(step, config.seed, training):
-                rows, to_force = with_forced_copies(rows, to_force)
             batch = make_batch(rows[rank::world], encoded, examples, tokenizer.pad_token_id,
                                training.general_replay, device)
             masked = augmentation_mask(step, config.seed, training, routing)
             # Drawn for the global batch, then this worker's rows: the routes one worker would draw.
-            forced = forced_routes(step, config.seed, training, members, moe.top_k, to_force,
-                                   batch.input_ids.shape[1])
+            forced = forced_routes(step, config.seed, training, members, moe.top_k,
+                                   [examples[kind][i].harmful for kind, i in rows], batch.input_ids.shape[1])
             forced = {layer: routes[rank::world] for layer, routes in forced.items()}
             loss, sft, router, logits = training_loss(
                 model, trainable, capture, batch, spec=moe.router, target=target, training=training,

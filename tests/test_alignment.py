@@ -367,23 +367,6 @@ def test_forced_routes_draw_k_subsets_of_the_safety_set_for_harmful_rows():
     assert all(forced_routes(s, 0, training, safety_set, 2, [False] * 3, 5) == {} for s in range(20))
 
 
-def test_forced_copies_keep_the_harmful_rows_on_their_own_routes():
-    from alignment.augment import forced_routes, forced_step, with_forced_copies
-
-    training = AlignmentConfig(training={"forced_routes": 0.5, "forced_copies": True}).training
-    rows = [("safety", 4), ("general", 1), ("safety", 7)]
-    extended, to_force = with_forced_copies(rows, [True, False, True])
-    assert extended == [*rows, ("safety", 4), ("safety", 7)]
-    assert to_force == [False, False, False, True, True]
-    step = next(s for s in range(50) if forced_step(s, 0, training))
-    forced = forced_routes(step, 0, training, {0: [1, 2, 5]}, 2, to_force, 5)[0]
-    assert (forced[:3] == -1).all() and (forced[3:] >= 0).all()  # originals free, copies forced
-    # The coin forced_step reads is the one forced_routes draws: copies are added on exactly the
-    # steps that force something.
-    assert {s for s in range(50) if forced_step(s, 0, training)} == \
-        {s for s in range(50) if forced_routes(s, 0, training, {0: [1, 2, 5]}, 2, [True], 5)}
-
-
 def test_each_kind_of_draw_has_its_own_stream_for_every_seed():
     """Seed 0 used to give every purpose the stream Random(step): a step's forced-route coin was its
     mask coin. Now the coins of one step are independent."""
