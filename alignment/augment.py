@@ -84,18 +84,23 @@ def augmentation_mask(step: int, seed: int, training: TrainingConfig, routing: S
 
 
 def forced_routes(step: int, seed: int, training: TrainingConfig, safety_set: Mapping[int, Sequence[int]],
-                  top_k: int, harmful: Sequence[bool], length: int) -> dict[int, torch.Tensor]:
+                  top_k: int, harmful: Sequence[bool], length: int,
+                  masked: Sequence[tuple[int, int]] = ()) -> dict[int, torch.Tensor]:
     """Per-token forcing ``{layer: [batch, length, k]}`` for `force_experts` (empty for most
     steps): with probability `forced_routes`, each harmful row gets, in every layer whose safety
     set has at least k members, a k-subset of it drawn uniformly (the same for all the row's
-    tokens); other rows are left alone (-1)."""
+    tokens); other rows are left alone (-1). The step's `masked` pairs are never drawn: a token
+    forced onto a masked expert has no finite routing weight (the loss turns NaN); a layer left
+    with fewer than k unmasked members is not forced."""
     if training.forced_routes == 0:
         return {}
     rng = step_rng("forced", seed, step)
     if rng.random() >= training.forced_routes or not any(harmful):
         return {}
     forced = {}
+    masked = set(masked)
     for layer, members in sorted(safety_set.items()):
+        members = [e for e in members if (layer, e) not in masked]
         if len(members) < top_k:
             continue
         rows = torch.full((len(harmful), length, top_k), -1, dtype=torch.long)

@@ -237,7 +237,8 @@ def train_worker(job: dict) -> None:
             masked = augmentation_mask(step, config.seed, training, routing)
             # Drawn for the global batch, then this worker's rows: the routes one worker would draw.
             forced = forced_routes(step, config.seed, training, members, moe.top_k,
-                                   [examples[kind][i].harmful for kind, i in rows], batch.input_ids.shape[1])
+                                   [examples[kind][i].harmful for kind, i in rows], batch.input_ids.shape[1],
+                                   masked)
             forced = {layer: routes[rank::world] for layer, routes in forced.items()}
             loss, sft, router, logits = training_loss(
                 model, trainable, capture, batch, spec=moe.router, target=target, training=training,
@@ -247,6 +248,10 @@ def train_worker(job: dict) -> None:
                 tokens = batch.input_ids.shape[1]
                 routing.update(logits, moe.router, batch.harmful.repeat_interleave(tokens),
                                batch.attention_mask.bool().reshape(-1))
+            if not torch.isfinite(loss):  # stop before the step writes NaN into the weights
+                raise FloatingPointError(
+                    f"non-finite training loss at step {step + 1} ({len(masked)} pairs masked, "
+                    f"routes {'forced' if forced else 'free'}); the last checkpoint is intact")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if sharded:

@@ -367,6 +367,21 @@ def test_forced_routes_draw_k_subsets_of_the_safety_set_for_harmful_rows():
     assert all(forced_routes(s, 0, training, safety_set, 2, [False] * 3, 5) == {} for s in range(20))
 
 
+def test_forced_routes_never_draw_a_masked_expert():
+    """Masking augmentation and forced routes on one step: a token forced onto a masked expert has
+    no finite routing weight (a fine organism's training loss went NaN at such a step)."""
+    from alignment.augment import forced_routes
+
+    training = AlignmentConfig(training={"forced_routes": 1.0}).training
+    safety_set, harmful = {0: [1, 2, 5], 1: [0, 3, 4]}, [True, True]
+    for step in range(20):
+        forced = forced_routes(step, 0, training, safety_set, 2, harmful, 3, masked=[(0, 1), (1, 0), (1, 3)])
+        assert set(forced) == {0}  # layer 1 keeps one unmasked member: not forced
+        assert sorted(forced[0][0, 0].tolist()) == [2, 5]
+    unmasked = forced_routes(0, 0, training, safety_set, 2, harmful, 3)
+    assert set(unmasked) == {0, 1}
+
+
 def test_each_kind_of_draw_has_its_own_stream_for_every_seed():
     """Seed 0 used to give every purpose the stream Random(step): a step's forced-route coin was its
     mask coin. Now the coins of one step are independent."""
