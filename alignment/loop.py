@@ -251,7 +251,7 @@ def train_worker(job: dict) -> None:
             if not torch.isfinite(loss):  # stop before the step writes NaN into the weights
                 raise FloatingPointError(
                     f"non-finite training loss at step {step + 1} ({len(masked)} pairs masked, "
-                    f"routes {'forced' if forced else 'free'}); the last checkpoint is intact")
+                    f"routes {'forced' if forced else 'free'}); the checkpoints before it are intact")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if sharded:

@@ -121,10 +121,24 @@ def check_layout(training) -> None:
                          "or add nodes (an autoscaling cluster: start them first)")
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or inf; the loop stopped before writing it into the weights."""
+
+
+def _diverged(error) -> FloatingPointError | None:
+    """The loop's FloatingPointError among a Ray Train WorkerGroupError's worker failures. Ray
+    wraps each worker's exception with its traceback string (as `_base_exc`, Ray 2.60)."""
+    for failure in error.worker_failures.values():
+        cause = getattr(failure, "_base_exc", failure)
+        if isinstance(cause, FloatingPointError):
+            return cause
+    return None
+
+
 def train(config: AlignmentConfig, checkpoint: str, experts, safety_set, cost, out: Path,
           safety: RoutingCounts, general: RoutingCounts) -> Path:
     """Ray Train (TorchTrainer): data-parallel workers; returns the final checkpoint directory."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
     from ray.train.torch import TorchTrainer
 
     from alignment.loop import train_worker
@@ -155,7 +169,14 @@ def train(config: AlignmentConfig, checkpoint: str, experts, safety_set, cost, o
             failure_config=FailureConfig(max_failures=0),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except WorkerGroupError as error:
+        diverged = _diverged(error)
+        if diverged is None:
+            raise
+        raise TrainingDiverged(f"training stopped: {diverged}; lower training.learning_rate, or look for "
+                               "NaN or inf in the model's weights") from None
     if result.checkpoint is not None:
         return Path(result.checkpoint.path)
     # Resumed from a checkpoint Ray had not recorded, with no step left to run: use it.
@@ -313,7 +334,8 @@ def _routing_summary(safety: RoutingCounts, general: RoutingCounts) -> dict:
 
 
 def explain_errors(job) -> int:
-    """Run `job()`; bad input (config, data, model) becomes a one-line message and exit code 2."""
+    """Run `job()`; bad input (config, data, model) becomes a one-line message and exit code 2; a
+    cluster that cannot run the job, or a loss gone NaN, a one-line message and exit code 1."""
     try:
         job()
     except ValidationError as error:
@@ -322,7 +344,7 @@ def explain_errors(job) -> int:
     except (UnsupportedArchitectureError, DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except RayClusterError as error:
+    except (RayClusterError, TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

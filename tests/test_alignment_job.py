@@ -301,3 +301,27 @@ def test_training_over_the_memory_estimate_is_refused_with_one_line(tmp_path, or
     assert run.returncode == 2, run.stderr[-2000:]
     assert "training needs about" in run.stderr and "training.memory_check false" in run.stderr
     assert "Traceback" not in run.stderr and not (tmp_path / "huge" / "ray_train").exists()
+
+
+def test_a_diverged_loss_stops_the_job_with_one_line_and_writes_no_checkpoint(tmp_path, organism):
+    """A NaN in the weights (here the final norm, read after every router, so profiling is
+    unharmed) makes the first step's loss NaN: the job says so in one line, exit 1, before the
+    step writes NaN into the weights or a checkpoint is reported."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(organism, poisoned)
+    for path in poisoned.glob("*.safetensors"):
+        tensors = load_file(path)
+        if "model.norm.weight" in tensors:
+            tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
+            save_file(tensors, path, metadata={"format": "pt"})
+    run = subprocess.run(RUN + ["--config", str(_config(tmp_path, "nan", poisoned, steps=4))],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1, run.stderr[-3000:]
+    # Ray forwards the worker's own traceback too, in whatever order its log stream delivers.
+    assert re.search(r"^error: training stopped: non-finite training loss at step 1 .*weights$", run.stderr,
+                     re.MULTILINE), run.stderr[-3000:]
+    assert _checkpoint_steps(tmp_path / "nan") == []

@@ -24,7 +24,7 @@ from launch.processes import RULES, alerts, free_port, gateway_app, running_gate
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.vllm]
 
-from conftest import require_binary  # noqa: E402
+from conftest import metric_total, require_binary  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 USER_KEY, OTHER_USER_KEY, ADMIN_KEY = "test-user-key-0001", "test-user-key-0002", "test-admin-key-0001"
@@ -333,11 +333,7 @@ def _risk(url: str, prompt: str) -> float:
 
 
 def _counter(url: str, name: str, **labels) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return sum(sample.value for family in text_string_to_metric_families(httpx.get(url + "/metrics").text)
-               for sample in family.samples
-               if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()))
+    return metric_total(httpx.get(url + "/metrics").text, name, **labels)
 
 
 def test_every_request_is_scored_and_the_guard_is_calibrated_on_validation_prompts(gateway):

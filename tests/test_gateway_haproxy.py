@@ -11,19 +11,13 @@ import httpx
 import openai
 import psutil
 import pytest
+from conftest import metric_total
 
 from launch.processes import gateway_app, running_gateway, session_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.vllm]
 
 USER, ADMIN = "haproxy-user-key-0001", "haproxy-admin-key-0001"
-
-
-def _metric(text: str, name: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == name)
 
 
 def test_the_gateway_serves_through_haproxy(quick_organism, tmp_path):
@@ -67,8 +61,8 @@ def test_the_gateway_serves_through_haproxy(quick_organism, tmp_path):
         deadline = time.monotonic() + 30  # the routing counts arrive with the next poll of the engine
         while True:
             metrics = httpx.get(url + "/metrics", timeout=30).text
-            if _metric(metrics, "mesa_routing_expert_tokens_total") > 0 or time.monotonic() > deadline:
+            if metric_total(metrics, "mesa_routing_expert_tokens_total") > 0 or time.monotonic() > deadline:
                 break
             time.sleep(1)
-        assert _metric(metrics, "mesa_routing_expert_tokens_total") > 0
-        assert _metric(metrics, "mesa_guard_decisions_total") >= 1
+        assert metric_total(metrics, "mesa_routing_expert_tokens_total") > 0
+        assert metric_total(metrics, "mesa_guard_decisions_total") >= 1
