@@ -53,6 +53,9 @@ class TrainingConfig(BaseModel):
     # on for every method, so no baseline's alignment tax is overstated by missing general data.
     general_share: float = Field(0.25, ge=0, lt=1)
     general_replay: float = Field(1.0, ge=0)
+    # SFT weight of D_safe's harmful rows (its benign rows weigh 1): above 1 leans the trained
+    # model towards refusing, a trade of over-refusal for Safety Rate.
+    refusal_weight: float = Field(1.0, gt=0)
     gamma: float = Field(1.0, ge=0)  # weight of the OT-KL router loss (mesa, mesa_paper)
     # Router target of safety tokens (alignment.router_loss): transport [ours] spreads them over
     # the safety set with a capacity per expert; tilt [paper] is P_ref * exp(-C~ / router_tau)

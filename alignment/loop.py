@@ -61,18 +61,20 @@ class Batch:
     attention_mask: torch.Tensor
     labels: torch.Tensor
     harmful: torch.Tensor  # [B] bool: safety inputs (the router target is tilted for them)
-    row_weight: torch.Tensor  # [B] SFT weight: 1 for D_safe rows, `general_replay` for D_general
+    # [B] SFT weight: `refusal_weight` for harmful rows of D_safe, 1 for its benign rows,
+    # `general_replay` for D_general
+    row_weight: torch.Tensor
 
 
 def make_batch(rows: Sequence[tuple[str, int]], encoded: dict, examples: dict, pad_id: int,
-               general_replay: float, device) -> Batch:
+               training: TrainingConfig, device) -> Batch:
     input_ids, mask, labels = collate([encoded[k][i] for k, i in rows], pad_id)
     is_general = torch.tensor([k == "general" for k, _ in rows])
-    return Batch(
-        input_ids.to(device), mask.to(device), labels.to(device),
-        torch.tensor([examples[k][i].harmful for k, i in rows], device=device),
-        torch.where(is_general, general_replay, 1.0).to(device),
-    )
+    harmful = torch.tensor([examples[k][i].harmful for k, i in rows])
+    weight = torch.where(is_general, training.general_replay,
+                         torch.where(harmful, training.refusal_weight, 1.0))
+    return Batch(input_ids.to(device), mask.to(device), labels.to(device), harmful.to(device),
+                 weight.to(device))
 
 
 
@@ -232,8 +234,7 @@ def train_worker(job: dict) -> None:
         model.train()
         for step in range(start, training.steps):
             rows = step_batch(step, config.seed, training, len(data.safety), len(data.general))
-            batch = make_batch(rows[rank::world], encoded, examples, tokenizer.pad_token_id,
-                               training.general_replay, device)
+            batch = make_batch(rows[rank::world], encoded, examples, tokenizer.pad_token_id, training, device)
             masked = augmentation_mask(step, config.seed, training, routing)
             # Drawn for the global batch, then this worker's rows: the routes one worker would draw.
             forced = forced_routes(step, config.seed, training, members, moe.top_k,

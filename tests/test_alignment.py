@@ -481,6 +481,24 @@ def test_weighted_lm_loss_weights_rows():
     assert first_only.item() == pytest.approx(weighted_lm_loss(logits[:1], labels[:1], torch.ones(1)).item())
 
 
+def test_batch_row_weights_follow_the_kind_of_row():
+    """Harmful D_safe rows weigh refusal_weight, benign D_safe rows 1, D_general rows general_replay."""
+    from alignment.data import Example
+    from alignment.loop import make_batch
+
+    tokenizer = byte_tokenizer()
+    examples = {"safety": [Example("how to harm", "no", True),
+                           Example("how do locks work", "like so", False)],
+                "general": [Example("2 + 2", "4", False)]}
+    encoded = {kind: [encode_chat(tokenizer, e.prompt, e.response, 64) for e in rows]
+               for kind, rows in examples.items()}
+    training = AlignmentConfig().training.model_copy(update={"refusal_weight": 2.5, "general_replay": 0.5})
+    batch = make_batch([("general", 0), ("safety", 1), ("safety", 0)], encoded, examples,
+                       tokenizer.pad_token_id, training, "cpu")
+    assert batch.row_weight.tolist() == [0.5, 1.0, 2.5]
+    assert batch.harmful.tolist() == [False, False, True]
+
+
 def test_encode_chat_puts_the_loss_on_the_answer_and_keeps_it_when_truncating():
     tokenizer = byte_tokenizer()
     ids, labels = encode_chat(tokenizer, "question " * 50, "the answer", 64)
