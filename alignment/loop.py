@@ -77,7 +77,6 @@ def make_batch(rows: Sequence[tuple[str, int]], encoded: dict, examples: dict, p
                  weight.to(device))
 
 
-
 def router_target(training: TrainingConfig, safety_set: torch.Tensor, cost: torch.Tensor):
     """The router loss's target for safety tokens: transport onto D, or the paper's tilt."""
     if training.router_target == "transport":
