@@ -93,17 +93,54 @@ def trained_experts(config: AlignmentConfig, allocation, safety: RoutingCounts,
     return [], []
 
 
-def _check_output_dir(out: Path, fingerprint: dict) -> None:
-    """Refuse to resume a run made with a different config (its checkpoints would be mixed in)."""
+def _flatten(value, prefix: str = "") -> dict[str, object]:
+    """A nested config dump as {"section.key": value}, JSON-normalised (paths and enums as text)."""
+    value = json.loads(json.dumps(value, default=str))
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat = {}
+    for key, item in value.items():
+        flat |= _flatten(item, f"{prefix}.{key}" if prefix else key)
+    return flat
+
+
+def config_changes(previous: dict, current: dict, defaults: dict) -> list[str]:
+    """The settings in which `current` differs from the config a run was made with, as
+    "key: old -> new". A key the earlier run's config lacks (it was added to the code later)
+    counts only when its value now differs from the default, since new keys default to the
+    behaviour the code had before them."""
+    old, new, default = _flatten(previous), _flatten(current), _flatten(defaults)
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        if key not in old:
+            if new[key] != default.get(key, object()):
+                changes.append(f"{key}: (not set) -> {new[key]!r}")
+        elif key not in new:
+            changes.append(f"{key}: {old[key]!r} -> (no longer a setting)")
+        elif old[key] != new[key]:
+            changes.append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    return changes
+
+
+def _check_output_dir(out: Path, config: dict, checkpoint: str, defaults: dict) -> None:
+    """Refuse to resume a run made with a different config or model (its checkpoints would be
+    mixed in), naming what differs. A run from before a config key existed resumes when the key
+    keeps its default."""
+    fingerprint = {"config": config, "checkpoint": checkpoint}
     path = out / "run.json"
     if path.is_file():
         previous = json.loads(path.read_text())
-        if previous.get("key") != _digest(fingerprint):
+        if previous.get("key") == _digest(fingerprint):
+            return
+        changes = config_changes(previous.get("config") or {}, config, defaults)
+        if str(previous.get("checkpoint")) != str(checkpoint):
+            changes.insert(0, f"model: {previous.get('checkpoint')} -> {checkpoint}")
+        if changes:
             raise ValueError(
-                f"output_dir {out} holds a run with a different config or model; "
-                "choose another output_dir or delete it"
+                f"output_dir {out} holds a run with a different config or model ("
+                + "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+                + "); choose another output_dir or delete it"
             )
-        return
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"key": _digest(fingerprint), **fingerprint}, indent=1, default=str))
 
@@ -215,8 +252,8 @@ def run(config: AlignmentConfig) -> dict:
     # organism_seed and organism_preset are left out: the checkpoint path (organism-<config hash>)
     # already names them, and runs from before those keys existed keep resuming.
     named_by_checkpoint = {"evaluation", "organism_seed", "organism_preset"}
-    _check_output_dir(out, {"config": config.model_dump(exclude=named_by_checkpoint),
-                            "checkpoint": checkpoint})
+    _check_output_dir(out, config.model_dump(exclude=named_by_checkpoint), checkpoint,
+                      AlignmentConfig().model_dump(exclude=named_by_checkpoint))
     (out / "config.json").write_text(config.model_dump_json(indent=1))
     log(f"[align] method {config.training.method}; model {checkpoint}; output {out}")
     from alignment.methods import method_spec

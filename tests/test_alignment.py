@@ -67,6 +67,35 @@ def test_set_overrides_one_value_and_names_what_it_rejects():
         with_settings(config, ["organism_preset=huge"])
 
 
+def test_a_run_resumes_only_with_its_own_config_and_the_refusal_names_what_changed(tmp_path):
+    """run.json keeps the config a run was made with; a key added to the code since (absent
+    there) counts only when it leaves its default, and a refusal names each changed setting."""
+    from alignment.run import _check_output_dir, _digest
+
+    defaults = AlignmentConfig().model_dump()
+    config = load_config(None).model_dump()
+    out = tmp_path / "run"
+    _check_output_dir(out, config, "ckpt", defaults)
+    _check_output_dir(out, config, "ckpt", defaults)  # the same run resumes
+
+    # A run written before training.refusal_weight existed.
+    older = json.loads(json.dumps(config))
+    del older["training"]["refusal_weight"]
+    fingerprint = {"config": older, "checkpoint": "ckpt"}
+    (out / "run.json").write_text(json.dumps({"key": _digest(fingerprint), **fingerprint}))
+    weighted = json.loads(json.dumps(config))
+    weighted["training"]["refusal_weight"] = 2.0
+    with pytest.raises(ValueError, match=r"training.refusal_weight: \(not set\) -> 2.0"):
+        _check_output_dir(out, weighted, "ckpt", defaults)
+    _check_output_dir(out, config, "ckpt", defaults)  # at its default it is the run it was
+    assert json.loads((out / "run.json").read_text())["config"]["training"]["refusal_weight"] == 1.0
+
+    changed = json.loads(json.dumps(config))
+    changed["training"]["steps"] = 7
+    with pytest.raises(ValueError, match=r"model: ckpt -> other; training.steps: 150 -> 7"):
+        _check_output_dir(out, changed, "other", defaults)
+
+
 def test_the_organism_presets_the_alignment_config_names_exist():
     from typing import get_args
 
