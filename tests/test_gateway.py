@@ -59,7 +59,9 @@ def gateway(tmp_path_factory):
     )
     env = {"MESA_API_KEYS": f"{USER_KEY},{OTHER_USER_KEY}", "MESA_ADMIN_KEY": ADMIN_KEY}
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    with running_gateway([app], env=env, log_path=log) as running:
+    # MESA_TEST_INGRESS=haproxy runs the whole module behind HAProxy (README, Ingress).
+    ingress = os.environ.get("MESA_TEST_INGRESS", "proxy")
+    with running_gateway([app], env=env, log_path=log, args=["--ingress", ingress]) as running:
         yield running
     text = log.read_text(errors="replace")
     assert " 500 " not in text.replace("HTTP/1.1", ""), "the gateway answered 500 at some point"
