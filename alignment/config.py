@@ -100,6 +100,9 @@ class EvaluationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
     base: bool = True  # also evaluate the input checkpoint, for the before/after table
+    # torch threads of the job's own evaluation (default: torch's choice, one per core). Jobs that
+    # share the cores want 1: more threads than cores spin instead of working.
+    threads: int | None = Field(None, ge=1)
     suite: SuiteSettings = SuiteSettings()
 
 

@@ -238,7 +238,15 @@ def evaluate_checkpoint(checkpoint: str, config: AlignmentConfig, out: Path) -> 
         # "rates" marks a report with three-way verdicts; an older one is measured again.
         if same_settings and report.get("checkpoint") == checkpoint and "rates" in report:
             return report
-    report = run_suite(checkpoint, settings, log=log)
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if config.evaluation.threads:
+        torch.set_num_threads(config.evaluation.threads)
+    try:
+        report = run_suite(checkpoint, settings, log=log)
+    finally:
+        torch.set_num_threads(previous_threads)
     write_report(report, out)
     return report
 

@@ -96,6 +96,25 @@ def test_a_run_resumes_only_with_its_own_config_and_the_refusal_names_what_chang
         _check_output_dir(out, changed, "other", defaults)
 
 
+def test_the_jobs_own_evaluation_runs_on_its_configured_threads(tmp_path, monkeypatch):
+    import safety_eval.report
+    import safety_eval.suite
+    from alignment.run import evaluate_checkpoint
+
+    seen = []
+    monkeypatch.setattr(safety_eval.suite, "run_suite",
+                        lambda checkpoint, settings, log: seen.append(torch.get_num_threads()) or {})
+    monkeypatch.setattr(safety_eval.report, "write_report", lambda report, out: None)
+    before = torch.get_num_threads()
+    config = AlignmentConfig.model_validate({"evaluation": {"threads": before + 1}})
+    evaluate_checkpoint("ckpt", config, tmp_path)
+    assert seen == [before + 1] and torch.get_num_threads() == before  # restored afterwards
+    evaluate_checkpoint("ckpt", AlignmentConfig(), tmp_path)
+    assert seen[-1] == before
+    with pytest.raises(ValidationError, match="threads"):
+        AlignmentConfig.model_validate({"evaluation": {"threads": 0}})
+
+
 def test_the_organism_presets_the_alignment_config_names_exist():
     from typing import get_args
 
