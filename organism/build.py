@@ -42,7 +42,8 @@ def _log(message: str) -> None:
     print(message, flush=True)  # progress must show even when stdout is a file or a pipe
 
 
-RECIPE_VERSION = 3  # bump when the recipe changes in a way the config does not capture
+# bump when the recipe changes in a way the config does not capture (4: deterministic algorithms)
+RECIPE_VERSION = 4
 CACHE_ENV = "MESA_CACHE_DIR"
 
 
@@ -101,7 +102,11 @@ class OrganismConfig(BaseModel):
     stage2: StageConfig = StageConfig(
         steps=120, learning_rate=1e-3, warmup_steps=5, harmful_share=0.35, benign_share=0.35
     )
-    threads: int | None = Field(None, gt=0)  # torch threads; None = torch's default
+    # torch threads of the build. The weights depend on the count (parallel sums split by thread),
+    # so it is part of the cache key and fixed, not the machine's core count; with deterministic
+    # algorithms (build_organism) one config then gives one set of weights. 1 for builds that share
+    # the cores; 2 is about as fast as more on a model this small.
+    threads: int = Field(2, gt=0)
 
     @model_validator(mode="after")
     def _check(self):
@@ -119,7 +124,7 @@ class OrganismConfig(BaseModel):
         # torch and transformers versions too: another version's kernels train other weights.
         import transformers
 
-        payload = self.model_dump(exclude={"threads"}) | {
+        payload = self.model_dump() | {
             "recipe": RECIPE_VERSION,
             "data": data_fingerprint,
             "versions": [torch.__version__, transformers.__version__],
@@ -146,6 +151,10 @@ PRESETS: dict[str, dict] = {
         # while another's 10-pair mask removed most of it (README, Which preset for what).
         "stage2": {"steps": 200, "learning_rate": 2e-3, "warmup_steps": 5, "harmful_share": 0.35,
                    "benign_share": 0.35, "trains": "routed_experts"},
+        # The comparison's organisms were built at 1 thread (a 1-thread build was deterministic
+        # before recipe 4 and is unchanged by it): this rebuilds them, and replicates built side
+        # by side share the cores without spinning.
+        "threads": 1,
     },
 }
 
@@ -336,8 +345,11 @@ def build_organism(config: OrganismConfig, output_dir: str | Path, *, data_dir=N
     output_dir = Path(output_dir)
     started = time.monotonic()
     previous_threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    previous_deterministic = (torch.are_deterministic_algorithms_enabled(),
+                              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.set_num_threads(config.threads)
+    # Without it two builds of one config at 2 threads gave different weights on one machine.
+    torch.use_deterministic_algorithms(True)
     try:
         corpus = build_corpus(config, data_dir=data_dir)
         tokenizer = train_tokenizer(corpus.tokenizer_texts(), config.vocab_size)
@@ -369,6 +381,7 @@ def build_organism(config: OrganismConfig, output_dir: str | Path, *, data_dir=N
         )
     finally:
         torch.set_num_threads(previous_threads)
+        torch.use_deterministic_algorithms(previous_deterministic[0], warn_only=previous_deterministic[1])
     with atomic_directory(output_dir) as staging:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -384,7 +397,7 @@ def build_organism(config: OrganismConfig, output_dir: str | Path, *, data_dir=N
             "sizes": corpus.sizes(),
             "final_loss": {"stage1": sum(stage1[-20:]) / 20, "stage2": sum(stage2[-10:]) / 10},
             "build_seconds": round(time.monotonic() - started, 1),
-            "torch_threads": config.threads or previous_threads,
+            "torch_threads": config.threads,
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__},
         }
         (staging / "organism.json").write_text(json.dumps(info, indent=1))

@@ -22,6 +22,24 @@ def test_same_seed_same_weights(quick_organism, quick_config, tmp_path):
     assert json.loads((other / "organism.json").read_text())["weights_sha256"] != first["weights_sha256"]
 
 
+
+def test_builds_at_two_threads_are_deterministic_and_the_thread_count_names_the_build(tmp_path):
+    """The weights depend on the thread count, and at 2 threads two builds of one config gave
+    different weights (a step of the fine shape was enough) until the build ran with
+    deterministic algorithms."""
+    from organism.build import preset_config
+
+    short = dict(stage1={"steps": 1, "learning_rate": 4e-3, "harmful_share": 0.12, "benign_share": 0.1,
+                         "recognition_share": 0.15},
+                 stage2={"steps": 1, "learning_rate": 2e-3, "warmup_steps": 1, "harmful_share": 0.35,
+                         "benign_share": 0.35, "trains": "routed_experts"})
+    config = preset_config("fine", threads=2, **short)
+    hashes = [json.loads((build_organism(config, tmp_path / name, log=lambda *_: None) / "organism.json")
+                         .read_text())["weights_sha256"] for name in ("a", "b")]
+    assert hashes[0] == hashes[1]
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is restored
+    assert config.cache_key("data") != preset_config("fine", threads=1, **short).cache_key("data")
+
 def test_checkpoint_loads_and_chats(quick_organism):
     from moe_routing.profiler import load_checkpoint
     from safety_eval.generation import HFChatGenerator
