@@ -104,8 +104,8 @@ class OrganismConfig(BaseModel):
     )
     # torch threads of the build. The weights depend on the count (parallel sums split by thread),
     # so it is part of the cache key and fixed, not the machine's core count; with deterministic
-    # algorithms (build_organism) one config then gives one set of weights. 1 for builds that share
-    # the cores; 2 is about as fast as more on a model this small.
+    # algorithms (build_organism) one config then gives one set of weights. 2: the cores of the
+    # machines the project runs on; 1 for builds that share the cores.
     threads: int = Field(2, gt=0)
 
     @model_validator(mode="after")
@@ -151,9 +151,9 @@ PRESETS: dict[str, dict] = {
         # while another's 10-pair mask removed most of it (README, Which preset for what).
         "stage2": {"steps": 200, "learning_rate": 2e-3, "warmup_steps": 5, "harmful_share": 0.35,
                    "benign_share": 0.35, "trains": "routed_experts"},
-        # The comparison's organisms were built at 1 thread (a 1-thread build was deterministic
-        # before recipe 4 and is unchanged by it): this rebuilds them, and replicates built side
-        # by side share the cores without spinning.
+        # 1 thread: builds were deterministic at 1 thread before recipe 4 and are unchanged by it,
+        # so this rebuilds the README comparison's organisms (1 and 2 gave its figures to the
+        # decimal on a fresh machine), and replicates built side by side do not spin.
         "threads": 1,
     },
 }

@@ -22,7 +22,6 @@ def test_same_seed_same_weights(quick_organism, quick_config, tmp_path):
     assert json.loads((other / "organism.json").read_text())["weights_sha256"] != first["weights_sha256"]
 
 
-
 def test_builds_at_two_threads_are_deterministic_and_the_thread_count_names_the_build(tmp_path):
     """The weights depend on the thread count, and at 2 threads two builds of one config gave
     different weights (a step of the fine shape was enough) until the build ran with
@@ -39,6 +38,7 @@ def test_builds_at_two_threads_are_deterministic_and_the_thread_count_names_the_
     assert hashes[0] == hashes[1]
     assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is restored
     assert config.cache_key("data") != preset_config("fine", threads=1, **short).cache_key("data")
+
 
 def test_checkpoint_loads_and_chats(quick_organism):
     from moe_routing.profiler import load_checkpoint
