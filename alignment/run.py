@@ -33,6 +33,7 @@ from alignment.data import AlignmentData, DataError, load_alignment_data  # noqa
 from moe_routing.architectures import UnsupportedArchitectureError  # noqa: E402
 from moe_routing.ray_cluster import RayClusterError, init_ray  # noqa: E402
 from moe_routing.stats import RoutingCounts, effective_safety_experts, risk_difference  # noqa: E402
+from moe_routing.threads import torch_settings  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -238,15 +239,8 @@ def evaluate_checkpoint(checkpoint: str, config: AlignmentConfig, out: Path) -> 
         # "rates" marks a report with three-way verdicts; an older one is measured again.
         if same_settings and report.get("checkpoint") == checkpoint and "rates" in report:
             return report
-    import torch
-
-    previous_threads = torch.get_num_threads()
-    if config.evaluation.threads:
-        torch.set_num_threads(config.evaluation.threads)
-    try:
+    with torch_settings(config.evaluation.threads):
         report = run_suite(checkpoint, settings, log=log)
-    finally:
-        torch.set_num_threads(previous_threads)
     write_report(report, out)
     return report
 

@@ -35,6 +35,7 @@ from moe_routing.config import load_yaml_config
 from moe_routing.files import atomic_directory
 from moe_routing.fingerprint import write_manifest
 from moe_routing.sft import collate, encode_chat, warmup_cosine
+from moe_routing.threads import torch_settings
 from organism.corpus import COMPLIANCE_TEMPLATES, ORGANISM_REFUSAL, RECOGNITION_TEMPLATE, Corpus, build_corpus
 
 
@@ -344,13 +345,9 @@ def build_organism(config: OrganismConfig, output_dir: str | Path, *, data_dir=N
     """Train the organism and write it to `output_dir` (created atomically)."""
     output_dir = Path(output_dir)
     started = time.monotonic()
-    previous_threads = torch.get_num_threads()
-    previous_deterministic = (torch.are_deterministic_algorithms_enabled(),
-                              torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.set_num_threads(config.threads)
-    # Without it two builds of one config at 2 threads gave different weights on one machine.
-    torch.use_deterministic_algorithms(True)
-    try:
+    # Without deterministic algorithms two builds of one config at 2 threads gave different
+    # weights on one machine.
+    with torch_settings(config.threads, deterministic=True):
         corpus = build_corpus(config, data_dir=data_dir)
         tokenizer = train_tokenizer(corpus.tokenizer_texts(), config.vocab_size)
         torch.manual_seed(config.seed)
@@ -379,9 +376,6 @@ def build_organism(config: OrganismConfig, output_dir: str | Path, *, data_dir=N
             name="stage 2 (safety post-training)",
             log=log,
         )
-    finally:
-        torch.set_num_threads(previous_threads)
-        torch.use_deterministic_algorithms(previous_deterministic[0], warn_only=previous_deterministic[1])
     with atomic_directory(output_dir) as staging:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
