@@ -1,7 +1,7 @@
 """The results table: base vs every alignment method, same data, same budget, over seeds.
 
     python -m alignment.compare --config alignment/configs/organism.yaml --output runs/compare \
-        [--seeds 0,1,2] [--organism-seeds 0,1,2]
+        [--seeds 0,1,2] [--organism-seeds 0,1,2] [--jobs 3]
 
 Per replicate (an organism seed and a training seed; README, Aligning a model with MESA) it
 evaluates that replicate's base checkpoint once and runs the alignment job once per method
@@ -21,7 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,53 +109,163 @@ def _p_values(tests: list[dict | None]) -> str:
     return " / ".join("n/a" if t is None else f"{t['p_value']:.3g}" for t in tests)
 
 
-def compare(config: AlignmentConfig, output: Path, methods=DEFAULT_ROWS, mask_augmentation: float = 0.5,
-            seeds: Sequence[Replicate] | None = None) -> dict:
-    """Every method on every replicate (default: the config's own organism and training seed)."""
-    from alignment.claims import claim_tests, claims_markdown
-    from alignment.report import (
-        aggregate_rows,
-        mean_sd,
-        mean_sd_table,
-        paired_safety_test,
-        results_table,
-        table_row,
-    )
+def _base_row(config: AlignmentConfig, output: Path, replicate: Replicate) -> tuple[str, dict]:
+    """The replicate's base checkpoint and its evaluated row (a finished evaluation is read back)."""
+    from alignment.report import table_row
+    from alignment.run import evaluate_checkpoint, resolve_model
+
+    rconfig = replicate_config(config, replicate)
+    checkpoint = resolve_model(rconfig)
+    base_dir = output / replicate.base_name(config.model == "organism")
+    return checkpoint, table_row(evaluate_checkpoint(checkpoint, rconfig, base_dir))
+
+
+def _replicate_rows(config: AlignmentConfig, output: Path, methods: Sequence[str], mask_augmentation: float,
+                    replicate: Replicate, bases: dict[str, dict] | None = None) -> dict:
+    """One replicate: its base (once per checkpoint in `bases`) and every method's row."""
+    from alignment.report import paired_safety_test, table_row
     from alignment.run import evaluate_checkpoint, log, resolve_model
     from alignment.run import run as run_alignment
 
+    bases = {} if bases is None else bases
+    organism = config.model == "organism"
+    name = replicate.name(organism)
+    log(f"\n[compare] ##### {name} #####")
+    rconfig = replicate_config(config, replicate)
+    checkpoint = resolve_model(rconfig)
+    if checkpoint not in bases:
+        bases[checkpoint] = table_row(
+            evaluate_checkpoint(checkpoint, rconfig, output / replicate.base_name(organism)))
+    rows = {"base": bases[checkpoint]}
+    extra = {"base": {"trainable params": 0, "train s": 0}}
+    tests = {}
+    for method in methods:
+        log(f"\n[compare] === {name}: {method} ===")
+        report = run_alignment(row_config(rconfig, method, output / name, mask_augmentation))
+        rows[method] = report["evaluation"]["aligned"]
+        params = report["parameters"]
+        extra[method] = {
+            "trainable params": f"{params['trainable']:,} ({100 * params['fraction']:.1f}%)",
+            "train s": (report["training"]["final"] or {}).get("seconds"),
+        }
+        extra[method]["N50 top / base"] = _n50_ratio(rows[method], rows["base"])
+        # Paired test of the row's plain Safety Rate against this replicate's base.
+        tests[method] = paired_safety_test(rows["base"], rows[method])
+        extra[method]["McNemar p (SR vs base)"] = "" if tests[method] is None else \
+            f"{tests[method]['p_value']:.3g}"
+    return {"name": name, "organism_seed": replicate.organism_seed if organism else None,
+            "seed": replicate.seed, "checkpoint": checkpoint, "rows": rows, "extra": extra, "mcnemar": tests}
+
+
+def _logged(log_path: Path, threads: int, task, *args):
+    """Run `task(*args)` in a pool worker with its output (and its Ray workers' forwarded output)
+    appended to `log_path` and torch at `threads` threads."""
+    import os
+
+    from moe_routing.threads import torch_settings
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(log_path, "ab") as handle:
+        os.dup2(handle.fileno(), 1)
+        os.dup2(handle.fileno(), 2)
+    with torch_settings(threads):
+        return task(*args)
+
+
+def _in_parallel(calls: list[tuple[str, Callable, tuple]], jobs: int, output: Path) -> list:
+    """Run each (name, task, args) in a fresh process, `jobs` at a time, each at cores // jobs torch
+    threads with its output in `output/<name>.log`; results in the order given. A task's failure is
+    raised once the others have ended; Ctrl-C or SIGTERM stops every process (what they wrote
+    stays on disk, so a re-run resumes)."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    from alignment.run import log
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    handles_term = threading.current_thread() is threading.main_thread()
+    if handles_term:  # SIGTERM's default would leave the workers running without their parent
+        previous_term = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # One Ray instance for every task: each job starting its own on one machine confuses Ray's
+    # own address lookup ("Found multiple active Ray instances" from Ray Train's placement group
+    # cleaner), and Ray then shares the CPUs out across the jobs. A cluster named by RAY_ADDRESS
+    # (`ray job submit`) is joined by every task as it is.
+    names_ray, starts_ray, pool = not os.environ.get("RAY_ADDRESS"), False, None
+    try:
+        if names_ray:
+            import ray
+
+            from moe_routing.ray_cluster import init_ray
+
+            starts_ray = not ray.is_initialized()  # a caller's own instance is shared, and left running
+            init_ray("local", log=log)
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        # spawn, not fork: a forked copy of a process that has run torch or Ray can deadlock. One
+        # task per process: nothing of one replicate stays in memory for the next.
+        pool = multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1)
+        pending = []
+        for name, task, args in calls:
+            log(f"[compare] {name}: log {output / f'{name}.log'}")
+            pending.append(pool.apply_async(_logged, (output / f"{name}.log", threads, task, *args)))
+        results, failures = [], []
+        for (name, _, _), result in zip(calls, pending):
+            try:
+                results.append(result.get())
+            except Exception as error:  # the others go on: their work is not wasted
+                log(f"[compare] {name} failed: {error}; its log: {output / f'{name}.log'}")
+                failures.append(error)
+                continue
+            log(f"[compare] {name} done ({(time.monotonic() - started) / 60:.1f} min since start)")
+        pool.close()
+        if failures:
+            raise failures[0]
+    except (KeyboardInterrupt, SystemExit):
+        if pool is not None:
+            pool.terminate()
+        raise
+    finally:
+        if pool is not None:
+            pool.join()
+        if names_ray:
+            os.environ.pop("RAY_ADDRESS", None)
+            if starts_ray:
+                ray.shutdown()
+        if handles_term:
+            signal.signal(signal.SIGTERM, previous_term)
+    return results
+
+
+def compare(config: AlignmentConfig, output: Path, methods=DEFAULT_ROWS, mask_augmentation: float = 0.5,
+            seeds: Sequence[Replicate] | None = None, jobs: int = 1) -> dict:
+    """Every method on every replicate (default: the config's own organism and training seed).
+    `jobs` > 1 runs replicates side by side in separate processes (a base that several share is
+    evaluated first, and read back by each)."""
+    from alignment.claims import claim_tests, claims_markdown
+    from alignment.report import aggregate_rows, mean_sd, mean_sd_table, results_table
+    from alignment.run import log
+
     organism = config.model == "organism"
     seeds = list(seeds) if seeds else [Replicate(config.organism_seed, config.seed)]
-    per_seed = []
-    bases: dict[str, dict] = {}  # checkpoint -> its base row, evaluated once per organism
-    for replicate in seeds:
-        name = replicate.name(organism)
-        log(f"\n[compare] ##### {name} #####")
-        rconfig = replicate_config(config, replicate)
-        checkpoint = resolve_model(rconfig)
-        if checkpoint not in bases:
-            bases[checkpoint] = table_row(
-                evaluate_checkpoint(checkpoint, rconfig, output / replicate.base_name(organism)))
-        rows = {"base": bases[checkpoint]}
-        extra = {"base": {"trainable params": 0, "train s": 0}}
-        tests = {}
-        for method in methods:
-            log(f"\n[compare] === {name}: {method} ===")
-            report = run_alignment(row_config(rconfig, method, output / name, mask_augmentation))
-            rows[method] = report["evaluation"]["aligned"]
-            params = report["parameters"]
-            extra[method] = {
-                "trainable params": f"{params['trainable']:,} ({100 * params['fraction']:.1f}%)",
-                "train s": (report["training"]["final"] or {}).get("seconds"),
-            }
-            extra[method]["N50 top / base"] = _n50_ratio(rows[method], rows["base"])
-            # Paired test of the row's plain Safety Rate against this replicate's base.
-            tests[method] = paired_safety_test(rows["base"], rows[method])
-            extra[method]["McNemar p (SR vs base)"] = "" if tests[method] is None else \
-                f"{tests[method]['p_value']:.3g}"
-        per_seed.append({"name": name, "organism_seed": replicate.organism_seed if organism else None,
-                         "seed": replicate.seed, "checkpoint": checkpoint, "rows": rows, "extra": extra,
-                         "mcnemar": tests})
+    if jobs > 1 and len(seeds) > 1:
+        # A base that several replicates share is evaluated first, once; any other base within
+        # its own replicate's process, so no replicate waits on another's.
+        users = Counter(r.base_name(organism) for r in seeds)
+        shared = {r.base_name(organism): r for r in seeds if users[r.base_name(organism)] > 1}
+        log(f"[compare] {len(seeds)} replicates, {jobs} at a time")
+        if shared:
+            _in_parallel([(name, _base_row, (config, output, r)) for name, r in shared.items()], jobs, output)
+        per_seed = _in_parallel([(r.name(organism), _replicate_rows,
+                                  (config, output, list(methods), mask_augmentation, r)) for r in seeds],
+                                jobs, output)
+    else:
+        bases: dict[str, dict] = {}  # checkpoint -> its base row, evaluated once per organism
+        per_seed = [_replicate_rows(config, output, methods, mask_augmentation, r, bases) for r in seeds]
 
     aggregate = aggregate_rows([r["rows"] for r in per_seed])
     mcnemar = {m: [r["mcnemar"][m] for r in per_seed] for m in methods}
@@ -243,7 +354,13 @@ def main(argv=None) -> int:
                         help="override one config value for every row, e.g. --set "
                         "evaluation.suite.split=validation to choose settings without the test prompts "
                         "(repeatable)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="replicates run side by side, each in its own process at cores/JOBS torch "
+                        "threads, its output in OUTPUT/<replicate>.log (default 1: one after another; "
+                        "training.threads and evaluation.threads of the config still apply)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = {m for m in methods if m.removesuffix(AUGMENTED) not in ROWS}
     if unknown or not methods:
@@ -262,7 +379,7 @@ def main(argv=None) -> int:
         if len(pairs) < MIN_SEEDS:
             raise ValueError(f"--seeds: {len(pairs)} replicate(s); the comparison needs at least "
                              f"{MIN_SEEDS} (mean ± sd)")
-        compare(config, Path(args.output).resolve(), methods, args.mask_augmentation, pairs)
+        compare(config, Path(args.output).resolve(), methods, args.mask_augmentation, pairs, args.jobs)
 
     return explain_errors(job)
 

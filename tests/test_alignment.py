@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -758,3 +760,93 @@ def test_a_half_copied_checkpoint_is_skipped_on_resume(tmp_path):
     (tmp_path / "checkpoint_c" / STATE_FILE).write_bytes(whole[: len(whole) // 2])  # killed mid-copy
     (tmp_path / "checkpoint_d").mkdir()  # killed before the first file
     assert checkpoint_directories(tmp_path) == [tmp_path / "checkpoint_b", tmp_path / "checkpoint_a"]
+
+
+def _square_loudly(x):
+    print(f"squaring {x}", flush=True)
+    if x < 0:
+        raise ValueError(f"no square for {x} here")
+    return x * x, torch.get_num_threads()
+
+
+@pytest.mark.ray
+def test_replicates_side_by_side_run_in_their_own_processes_with_their_own_logs(tmp_path):
+    """compare --jobs: each task in a fresh process at cores/jobs threads, its output in its own
+    log, results in the order given; a failure reaches the caller with the task's name logged."""
+    from alignment.compare import _in_parallel
+
+    results = _in_parallel([(f"task{x}", _square_loudly, (x,)) for x in (3, 4, 5)], 2, tmp_path)
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert results == [(9, threads), (16, threads), (25, threads)]
+    assert (tmp_path / "task4.log").read_text() == "squaring 4\n"
+    with pytest.raises(ValueError, match="no square for -1"):
+        _in_parallel([("fine", _square_loudly, (2,)), ("broken", _square_loudly, (-1,))], 2, tmp_path)
+    assert "squaring -1" in (tmp_path / "broken.log").read_text()
+
+
+def _ray_cluster_address(_):
+    import ray
+
+    from moe_routing.ray_cluster import init_ray
+
+    init_ray(log=lambda *_: None)
+    return ray.get_runtime_context().gcs_address
+
+
+@pytest.mark.ray
+def test_replicates_side_by_side_share_one_ray_instance(tmp_path):
+    """Each job starting its own local Ray instance on one machine breaks Ray's address lookup
+    (Ray Train's placement group cleaner fails with 'Found multiple active Ray instances')."""
+    import ray
+
+    from alignment.compare import _in_parallel
+
+    addresses = _in_parallel([(f"job{i}", _ray_cluster_address, (i,)) for i in range(3)], 2, tmp_path)
+    assert len(set(addresses)) == 1
+    assert not ray.is_initialized() and "RAY_ADDRESS" not in os.environ  # the instance ended with the jobs
+
+
+def _sleep_for_a_long_time(pid_file):
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def test_stopping_side_by_side_replicates_stops_every_job(tmp_path):
+    """SIGTERM to `compare --jobs` must not leave its jobs running without a parent. With a
+    cluster named in RAY_ADDRESS (here one that is never contacted) no local Ray instance, whose
+    reaper would kill the process group, is there to do it."""
+    import signal
+    import subprocess
+    import sys
+
+    script = "\n".join([
+        "import sys; from pathlib import Path",
+        "sys.path.insert(0, sys.argv[1])",
+        "from test_alignment import _sleep_for_a_long_time",
+        "from alignment.compare import _in_parallel",
+        "out = Path(sys.argv[2])",
+        "_in_parallel([(f'job{i}', _sleep_for_a_long_time, (out / f'pid{i}',)) for i in range(2)], 2, out)",
+    ])
+    env = os.environ | {"RAY_ADDRESS": "127.0.0.1:9"}
+    parent = subprocess.Popen([sys.executable, "-c", script, str(Path(__file__).parent), str(tmp_path)],
+                              cwd=Path(__file__).parent.parent, env=env)
+    pid_files = [tmp_path / f"pid{i}" for i in range(2)]
+    deadline = time.monotonic() + 120
+    while not all(f.is_file() and f.read_text() for f in pid_files):
+        assert parent.poll() is None and time.monotonic() < deadline, "the jobs did not start"
+        time.sleep(0.2)
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=60) != 0
+    for pid in (int(f.read_text()) for f in pid_files):
+        deadline = time.monotonic() + 10
+        while _running(pid):
+            assert time.monotonic() < deadline, f"job {pid} outlived its parent"
+            time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
