@@ -12,8 +12,10 @@ metrics, per-key limits and an audit log, and live attack probes on a separate r
 
 Laid out like vLLM's `entrypoints/openai`: `serving.protocol` (headers, paths, key ids, error
 bodies; shared with `clients/`), `serving.auth` (keys), `serving.limits` (per-key limits),
-`serving.audit` (the audit log), `serving.routes` (routes and the middleware), and here the
-deployment that owns the engine.
+`serving.audit` (the audit log), `serving.routes` (routes and the middleware),
+`serving.guard` (the routing guard), `serving.integrity` (weights against the manifest),
+`serving.drill` (alert drills), `serving.probes` (the probe replica and its gauges), and here the
+deployment that owns the engine and wires them to it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import json
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.openai.completion.protocol import CompletionResponse
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-from moe_routing.fingerprint import MANIFEST_FILE, ManifestError, combine, compare, read_manifest
+from serving import integrity
 from serving.audit import AuditLog, prompt_text
 from serving.auth import KeyChecker, may_see_routing_summary, route_path  # noqa: F401  (route_path: its historical import path)
 from serving.batched_call import BatchedCall
@@ -50,21 +51,10 @@ from serving.config import (
     resolve_safety_experts,
 )
 from serving.drill import Drill, DrillRequest, drill_attack
-from serving.guard import (
-    ACTIONS,
-    MAX_REMEMBERED,
-    REFUSAL,
-    GuardDecision,
-    GuardedEngine,
-    GuardState,
-    PromptScores,
-    calibrated_threshold,
-    decide,
-    high_risk,
-    prompt_token_ids,
-)
+from serving.guard import REFUSAL, GuardDecision, GuardedEngine, RoutingGuard
 from serving.limits import KeyLimiter
 from serving.metrics import exposition, gateway_metrics
+from serving.probes import ProbeGauges
 from serving.protocol import (
     CHAT_ROLES,
     GUARD_HEADER,
@@ -94,8 +84,6 @@ from serving.telemetry import (
 )
 
 logger = logging.getLogger("ray.serve")
-MAX_REPORTED_MISMATCHES = 50  # /admin/config stays small on a 48-layer x 128-expert model
-INTEGRITY_GAUGE = {"ok": 1, "mismatch": 0}  # anything else (no or unreadable manifest, error): -1
 
 
 @dataclass(frozen=True)
@@ -161,20 +149,13 @@ class Gateway:
             self.engine = AsyncLLM.from_engine_args(engine_args)
         self._peek_routing = self._batched("routing_peek_requests")
         self._pop_routing = self._batched("routing_pop_requests")
-        guard = self.config.guard
-        by_hand = guard.threshold is not None
-        self.guard = GuardState(guard.policy, guard.threshold, "config" if by_hand else "none",
-                                guard.false_positive_rate, guard.answer_threshold,
-                                "config" if guard.answer_threshold is not None else "none")
-        self._decisions: OrderedDict[str, GuardDecision] = OrderedDict()  # by tracking key, until collected
-        self._prompt_ids: OrderedDict[str, list[int] | None] = OrderedDict()  # observe: scored at the end
-        self._prompt_scores = PromptScores()
+        self.guard = RoutingGuard(self.config.guard, self.metrics, self.name, self._peek_routing)
         self.http_app = create_app(self)
         # vLLM's serving classes reach the engine through the guard (serving.guard), which needs telemetry.
         serving_engine = self.engine
         if telemetry.enabled:
             serving_engine = GuardedEngine(self.engine, self._judge, self._note_prompt,
-                                           lambda: self.guard.policy)
+                                           lambda: self.guard.state.policy)
         tasks = await self.engine.get_supported_tasks()
         await init_app_state(serving_engine, self.http_app.state, args, tasks)
         self.state = self.http_app.state
@@ -186,16 +167,15 @@ class Gateway:
                 RoutingShape(shape["num_layers"], shape["num_experts"], shape["top_k"]))
             self._poller = asyncio.get_running_loop().create_task(self._poll_routing())
             self.metrics.telemetry_errors.labels(self.name)  # exported at 0, so increase() sees the first
-        self._export_guard()
-        self.drill, self._drill_timer = Drill(), None
-        self.metrics.drill_active.labels(self.name).set(0)
+        self.drill = Drill(self.engine, self.metrics.drill_active.labels(self.name), self.name)
         self.integrity: dict = {"status": "not checked"}
         await self.run_integrity_check()
         self.probe_runner = probe_runner  # a handle to serving.probes.ProbeRunner, or None
-        self._probe_seen = {"runs": 0, "failures": 0, "finished_at": None}
+        self.probe_gauges = ProbeGauges(self.metrics, self.name)
         self._probe_poller = None
         if probe_runner is not None:
-            self._probe_poller = asyncio.get_running_loop().create_task(self._poll_probes())
+            self._probe_poller = asyncio.get_running_loop().create_task(
+                self.probe_gauges.follow(probe_runner))
         mode = ("on, compiled engine" if compiled else "on, eager engine") if telemetry.enabled else "off"
         logger.info("gateway ready: model %s (%s), telemetry %s, probes %s", self.name, settings.checkpoint,
                     mode, "on" if probe_runner is not None else "off")
@@ -229,14 +209,15 @@ class Gateway:
             safety_experts=safety, per_expert_metrics=config.per_expert_metrics,
             baseline=baseline, safety_experts_source=safety_source,
             risk_weights=None if profile is None else profile.risk_weights())
-        calibrate = self.guard.threshold is None or (self.guard.answer_threshold is None
-                                                     and self.config.guard.answer_tokens > 0)
-        if telemetry.risk_weights is not None and calibrate and settings.guard_prompts:
-            try:
-                await self._calibrate_guard(telemetry, settings.guard_prompts)
+        if telemetry.risk_weights is not None and self.guard.needs_calibration and settings.guard_prompts:
+            try:  # the validation benign prompts and the engine's answers to them, routed by the engine
+                routed = await self._prefill_routing(settings.guard_prompts,
+                                                     max(self.config.guard.answer_tokens, 1))
+                self.guard.calibrate(telemetry, routed)
             except Exception:  # serve anyway: the guard judges nothing high risk without a threshold
                 logger.exception("calibrating the guard's threshold at start failed")
         telemetry.start_from((await self.engine.collective_rpc("routing_snapshot"))[0])
+        self.guard.telemetry = telemetry
         return telemetry
 
     async def _prefill_routing(self, prompts: list[str], max_tokens: int = 1) -> list[dict | None]:
@@ -278,83 +259,15 @@ class Gateway:
                   f"benign identification prompts ({time.monotonic() - started:.1f} s)")
         return RoutingProfile.from_counts(counts[0], counts[1], source)
 
-    async def _calibrate_guard(self, telemetry: RoutingTelemetry, prompts: list[str]) -> None:
-        """The guard's thresholds (those not configured) from validation benign prompts and the
-        engine's answers to them, scored through the engine."""
-        config, g = self.config.guard, self.guard
-        routed = await self._prefill_routing(prompts, max(config.answer_tokens, 1))
-        hits = [h for h in routed if h is not None]
-        if g.threshold is None:
-            scores = [s for s in (telemetry.request_risk(h["prompt"]).score for h in hits) if s is not None]
-            g.threshold = calibrated_threshold(scores, config.false_positive_rate)
-            g.false_positive_rate = sum(s > g.threshold for s in scores) / len(scores)
-            g.threshold_source = (f"calibrated at start on {len(scores)} validation benign prompts "
-                                  f"for a false-positive rate <= {config.false_positive_rate}")
-            logger.info("guard of %s: threshold %.4f nats/token (%s; %.3f of them above it), policy %s",
-                        self.name, g.threshold, g.threshold_source, g.false_positive_rate, g.policy)
-        if g.answer_threshold is None and config.answer_tokens > 0:
-            answers = [s for s in (telemetry.answer_risk(h["generated"]) for h in hits) if s is not None]
-            if answers:
-                g.answer_threshold = calibrated_threshold(answers, config.false_positive_rate)
-                g.answer_threshold_source = (
-                    f"calibrated at start on the engine's answers ({config.answer_tokens} tokens at most) "
-                    f"to {len(answers)} validation benign prompts for a false-positive rate <= "
-                    f"{config.false_positive_rate}")
-                logger.info("guard of %s: answer threshold %.4f nats/token (%s)", self.name,
-                            g.answer_threshold, g.answer_threshold_source)
-
-    def _export_guard(self) -> None:
-        g, m = self.guard, self.metrics
-        m.guard_threshold.labels(self.name).set(float("nan") if g.threshold is None else g.threshold)
-        m.guard_answer_threshold.labels(self.name).set(
-            float("nan") if g.answer_threshold is None else g.answer_threshold)
-        m.guard_high_risk_answers.labels(self.name)
-        m.guard_false_positive_rate.labels(self.name).set(g.false_positive_rate)
-        for action in ACTIONS:
-            m.guard_decisions.labels(self.name, action)  # exported at 0, so increase() sees the first
-        m.guard_high_risk.labels(self.name)
-
     async def _judge(self, request_id: str, prompt) -> bool:
-        """The guard's question at a request's first output under `flag` and `block`
-        (serving.guard.GuardedEngine): go on (True) or end it (False). One decision per request,
-        from its prompt's routing so far."""
+        """GuardedEngine's question at a request's first output (serving.guard.RoutingGuard.judge)."""
         key = tracked_key(request_id)
-        if key is None or self.telemetry is None:
-            return True
-        decision = self._decisions.get(key)
-        if decision is None:
-            try:
-                hits = await self._peek_routing(key)
-            except Exception:  # fail open: the engine itself is in trouble, and the error counter says so
-                self.metrics.telemetry_errors.labels(self.name).inc()
-                logger.exception("reading a request's routing for the guard failed")
-                return True
-            if hits is None:
-                return True
-            decision = self._decide(hits, prompt_token_ids(prompt), self.guard.policy)
-            self._decisions[key] = decision  # until the request's end collects it
-            while len(self._decisions) > MAX_REMEMBERED:
-                self._decisions.popitem(last=False)
-        return decision.action != "blocked"
+        return True if key is None else await self.guard.judge(key, prompt)
 
     def _note_prompt(self, request_id: str, prompt) -> None:
-        """Under `observe`: the prompt's ids, for its score at the end (`_request_routing`)."""
         key = tracked_key(request_id)
         if key is not None:
-            self._prompt_ids[key] = prompt_token_ids(prompt)
-            while len(self._prompt_ids) > MAX_REMEMBERED:
-                self._prompt_ids.popitem(last=False)
-
-    def _decide(self, prompt_hits, ids: list[int] | None, policy: str) -> GuardDecision:
-        """Score a request's prompt routing and count the decision."""
-        t, g = self.telemetry, self.guard
-        risk = self._prompt_scores.resolve(ids, t.request_risk(prompt_hits))
-        t.observe_risk(risk)
-        action = decide(risk.score, policy, g.threshold)
-        if high_risk(risk.score, g.threshold):
-            self.metrics.guard_high_risk.labels(self.name).inc()
-        self.metrics.guard_decisions.labels(self.name, action).inc()
-        return GuardDecision(action, risk, len(ids) if ids is not None else risk.prompt_tokens)
+            self.guard.note_prompt(key, prompt)
 
     # ---- metrics helpers (used by the middleware) ----
 
@@ -376,34 +289,6 @@ class Gateway:
             except Exception:  # keep serving; the error counter and the log say what happened
                 self.metrics.telemetry_errors.labels(self.name).inc()
                 logger.exception("routing telemetry pull failed")
-
-    async def _poll_probes(self, interval_s: float = 2.0) -> None:
-        """Export the probe runner's latest result as gauges (every replica exports the same)."""
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                self.export_probe_state(await self.probe_runner.status.remote())
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("reading the probe runner's state failed")
-
-    def export_probe_state(self, state: dict) -> None:
-        m, seen = self.metrics, self._probe_seen
-        m.probe_running.labels(self.name).set(1 if state["status"] == "running" else 0)
-        for outcome, key in (("ok", "runs"), ("failed", "failures")):
-            m.probe_runs.labels(self.name, outcome).inc(max(0, state[key] - seen[key]))
-            seen[key] = state[key]
-        latest = state.get("latest")
-        if latest is None or latest["finished_at"] == seen["finished_at"]:
-            return
-        seen["finished_at"] = latest["finished_at"]
-        for attack, rate in latest["safety_rate"].items():
-            m.probe_safety_rate.labels(self.name, attack).set(rate)
-            m.probe_last_run.labels(self.name, attack).set(latest["finished_at"])
-        m.probe_general_accuracy.labels(self.name).set(latest["general_accuracy"])
-        m.probe_over_refusal.labels(self.name).set(latest["over_refusal"])
-        m.probe_duration.labels(self.name).set(latest["duration_s"])
 
     # ---- OpenAI-compatible endpoints ----
 
@@ -442,7 +327,7 @@ class Gateway:
         try:
             result = await create(request, raw_request)
         except AssertionError:  # vLLM's completions handler asserts an output that a blocked request lacks
-            decision = self._decisions.get(key) if key else None
+            decision = self.guard.decision(key)
             if decision is None or decision.action != "blocked":
                 raise
             result = None
@@ -461,7 +346,7 @@ class Gateway:
             record.streaming = True
         # The guard decides at the engine's first output, before the first chunk exists.
         first = await anext(result, None)
-        decision = self._decisions.get(key) if key else None
+        decision = self.guard.decision(key)
         if decision is not None and decision.action == "blocked":
             await result.aclose()
             await self._request_routing(key, record)
@@ -507,10 +392,7 @@ class Gateway:
         request served under `observe` is scored here, on the same prompt counts a judgement at
         its first output would have read."""
         hits = await self._pop_routing(key)
-        noted, ids = key in self._prompt_ids, self._prompt_ids.pop(key, None)
-        decision = self._decisions.pop(key, None)
-        if decision is None and noted and hits is not None:
-            decision = self._decide(hits["prompt"], ids, "observe")
+        decision = self.guard.collect(key, None if hits is None else hits["prompt"])
         if record is not None and decision is not None:
             record.risk = decision.risk.score
             if decision.action != "allowed":
@@ -518,10 +400,7 @@ class Gateway:
         if hits is None:
             return None, decision
         t = self.telemetry
-        answer = t.answer_risk(hits["generated"])
-        t.observe_answer_risk(answer)
-        if high_risk(answer, self.guard.answer_threshold):
-            self.metrics.guard_high_risk_answers.labels(self.name).inc()
+        answer = self.guard.score_answer(hits["generated"])
         if record is not None:
             record.answer_risk = answer
         risk = decision.risk if decision is not None else t.request_risk(hits["prompt"])
@@ -585,30 +464,20 @@ class Gateway:
         config = self.config.model_dump(exclude={"api_keys", "admin_key"})
         return {"model": self.name, "checkpoint": self.settings.checkpoint, "config": config,
                 **json_safe(self._routing_sources()),
-                "guard": self.guard.to_dict(),
+                "guard": self.guard.state.to_dict(),
                 "integrity": json_safe(self.integrity),
                 "drill": self.drill.to_dict()}
 
     async def guard_state(self):
-        return {"model": self.name, **self.guard.to_dict()}
+        return {"model": self.name, **self.guard.state.to_dict()}
 
     async def update_guard(self, update: dict):
         """POST /admin/guard: change the policy and/or the thresholds at run time (an incident, a
         new calibration); `serving.routes.GuardUpdate` has validated the body."""
         if self.telemetry is None:
             return openai_error(409, "the guard needs routing telemetry, which is off for this model")
-        g = self.guard
-        if "policy" in update:
-            g.policy = update["policy"]
-        if "threshold" in update:
-            g.threshold = update["threshold"]
-            g.threshold_source, g.false_positive_rate = "admin", self.config.guard.false_positive_rate
-        if "answer_threshold" in update:
-            g.answer_threshold, g.answer_threshold_source = update["answer_threshold"], "admin"
-        logger.warning("guard of %s changed by the admin: policy %s, threshold %s, answer threshold %s",
-                       self.name, g.policy, g.threshold, g.answer_threshold)
-        self._export_guard()
-        return {"model": self.name, **g.to_dict()}
+        self.guard.update(update)
+        return {"model": self.name, **self.guard.state.to_dict()}
 
     def _routing_sources(self) -> dict:
         """Which safety experts and alert baselines the telemetry uses, and where they came from."""
@@ -621,39 +490,11 @@ class Gateway:
                 "baseline": None if t.baseline is None else t.baseline.to_dict()}
 
     async def run_integrity_check(self) -> dict:
-        """Compare the engine's router and expert fingerprints with the checkpoint's manifest
-        (README, Serving: model integrity); sets the gauge and `self.integrity`. Never raises:
-        a failed check is reported, and serving goes on."""
-        started = time.monotonic()
-        try:
-            manifest = read_manifest(self.settings.checkpoint)
-        except ManifestError as error:
-            result = {"status": "invalid manifest", "error": str(error)}
-        else:
-            result = {"status": "no manifest"} if manifest is None else await self._compare_engine(manifest)
-        result |= {"checked_at": time.time(), "duration_s": round(time.monotonic() - started, 3)}
-        self.metrics.integrity_ok.labels(self.name).set(INTEGRITY_GAUGE.get(result["status"], -1))
-        if result["status"] == "mismatch":
-            logger.warning("model integrity check FAILED for %s: %s of %s (layer, expert) pairs differ "
-                           "from %s", self.name, result.get("mismatch_count", "all"),
-                           result.get("checked_pairs", "?"), MANIFEST_FILE)
-        elif result["status"] != "ok":
-            logger.warning("model integrity not checked for %s: %s", self.name, result["status"])
-        self.integrity = result
-        return result
-
-    async def _compare_engine(self, manifest: dict) -> dict:
-        try:
-            served = combine(await self.engine.collective_rpc("routing_fingerprint"))
-        except Exception as error:  # e.g. an engine layout the fingerprint cannot read
-            return {"status": "error", "error": f"{type(error).__name__}: {str(error)[:300]}"}
-        try:
-            result = compare(manifest, served)
-        except ManifestError as error:  # the manifest describes another model: not a match
-            return {"status": "mismatch", "error": str(error)}
-        mismatches = result.pop("mismatches")
-        return {"status": "ok" if result.pop("ok") else "mismatch", **result,
-                "mismatch_count": len(mismatches), "mismatches": mismatches[:MAX_REPORTED_MISMATCHES]}
+        """Check the engine's weights against the checkpoint's manifest (serving.integrity) and
+        export the result as the gauge; never raises."""
+        self.integrity = await integrity.check_engine(self.engine, self.settings.checkpoint, self.name)
+        self.metrics.integrity_ok.labels(self.name).set(integrity.GAUGE.get(self.integrity["status"], -1))
+        return self.integrity
 
     async def check_integrity(self):
         """POST /admin/integrity: run the check now (e.g. after an incident) and return it."""
@@ -666,53 +507,25 @@ class Gateway:
 
     async def start_drill(self, request: DrillRequest):
         """POST /admin/drill: apply the attack to this engine for `duration_s` (replacing a
-        running drill). Cached prompt blocks are dropped at start and end, so no request reuses
-        KV computed under the other routing."""
+        running drill; serving.drill)."""
         if not self.config.drills:
             return openai_error(403, "drills are off for this model: a drill serves users attacked, so "
                                 "only a staging or test gateway should set drills: true", "permission_error")
-        t = self.telemetry
+        t = self.telemetry  # drills: true needs telemetry (serving.config)
         try:
             attack = drill_attack(request, t.safety_experts, t.shape.num_layers, t.shape.num_experts)
         except ValueError as error:
             return openai_error(400, str(error), "invalid_request_error")
         try:
-            await self.engine.collective_rpc("routing_set_attack", args=(attack,))
-        except Exception as error:  # e.g. a MoE kernel that fuses expert selection: no routing scale
-            await self._end_drill()
+            await self.drill.start(attack, request.duration_s)
+        except Exception as error:
             return openai_error(409, f"the engine refused the drill: {str(error)[:300]}")
-        await self._reset_prefix_cache()
-        if self._drill_timer is not None:
-            self._drill_timer.cancel()
-        self.drill.start(attack, request.duration_s)
-        self._drill_timer = asyncio.get_running_loop().call_later(
-            request.duration_s, lambda: asyncio.ensure_future(self._end_drill()))
-        self.metrics.drill_active.labels(self.name).set(1)
-        logger.warning("DRILL started on %s by the admin: %s %s for %.0f s; users are served attacked",
-                       self.name, attack["kind"], attack.get("pairs") or "every expert", request.duration_s)
         return await self.drill_state()
 
     async def stop_drill(self):
         """DELETE /admin/drill: end the drill now (nothing to do when none runs)."""
-        await self._end_drill()
+        await self.drill.stop()
         return await self.drill_state()
-
-    async def _end_drill(self) -> None:
-        if self._drill_timer is not None:
-            self._drill_timer.cancel()
-            self._drill_timer = None
-        was_active = self.drill.active
-        await self.engine.collective_rpc("routing_set_attack", args=(None,))
-        self.drill.stop()
-        self.metrics.drill_active.labels(self.name).set(0)
-        if was_active:
-            await self._reset_prefix_cache()
-            logger.warning("DRILL ended on %s: the engine routes as loaded again", self.name)
-
-    async def _reset_prefix_cache(self) -> None:
-        if not await self.engine.reset_prefix_cache():
-            logger.warning("the prefix cache of %s could not be reset (blocks in use): requests may "
-                           "reuse KV computed under the other routing", self.name)
 
     async def start_probes(self):
         """Start a probe run on the probe replica (202), or report the one already running (409)."""
@@ -720,7 +533,7 @@ class Gateway:
             return openai_error(404, "probes are off for this model (set probes.enabled: true)")
         state = await self.probe_runner.start.remote()
         started = state.pop("started")
-        self.export_probe_state(state)
+        self.probe_gauges.export(state)
         if not started:
             conflict = openai_error(409, "a probe run is already in progress")
             body = json.loads(conflict.body) | {"probes": json_safe(state)}
@@ -732,7 +545,7 @@ class Gateway:
         if self.probe_runner is None:
             return openai_error(404, "probes are off for this model (set probes.enabled: true)")
         state = await self.probe_runner.status.remote()
-        self.export_probe_state(state)
+        self.probe_gauges.export(state)
         return JSONResponse(json_safe(state | {"model": self.name}))
 
     async def check_health(self) -> None:  # Ray Serve's replica health check

@@ -16,6 +16,8 @@ the integrity check to see: whether an alert notices it depends on the model.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Literal
 
@@ -23,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from safety_eval.attacks import ExpertMask, RoutingScale
 
+logger = logging.getLogger("ray.serve")
 Pair = tuple[int, int]
 
 
@@ -72,22 +75,59 @@ def drill_attack(request: DrillRequest, safety_experts: list[Pair], num_layers: 
 
 
 class Drill:
-    """The drill running on one replica, if any."""
+    """The drill on one replica's engine, if any: applied through the worker extension, ended by
+    its timer or the admin. Cached prompt blocks are dropped at start and end, so no request
+    reuses KV computed under the other routing. `active_gauge` is the replica's
+    `mesa_routing_drill_active` series."""
 
-    def __init__(self):
+    def __init__(self, engine, active_gauge, model_name: str):
+        self.engine, self.active_gauge, self.model_name = engine, active_gauge, model_name
         self.attack: dict | None = None
         self.started_at = self.ends_at = None
+        self._timer: asyncio.TimerHandle | None = None
+        active_gauge.set(0)
 
     @property
     def active(self) -> bool:
         return self.attack is not None
 
-    def start(self, attack: dict, duration_s: float) -> None:
+    async def start(self, attack: dict, duration_s: float) -> None:
+        """Apply `attack` (a `drill_attack` dict) for `duration_s`, replacing a running drill. An
+        engine that refuses it (e.g. a MoE kernel that fuses expert selection: no routing scale)
+        raises, and no drill is left running."""
+        try:
+            await self.engine.collective_rpc("routing_set_attack", args=(attack,))
+        except Exception:
+            await self.stop()
+            raise
+        await self._reset_prefix_cache()
+        if self._timer is not None:
+            self._timer.cancel()
         self.attack, self.started_at = attack, time.time()
         self.ends_at = self.started_at + duration_s
+        self._timer = asyncio.get_running_loop().call_later(
+            duration_s, lambda: asyncio.ensure_future(self.stop()))
+        self.active_gauge.set(1)
+        logger.warning("DRILL started on %s by the admin: %s %s for %.0f s; users are served attacked",
+                       self.model_name, attack["kind"], attack.get("pairs") or "every expert", duration_s)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """End the drill now (nothing to do when none runs)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        was_active = self.active
+        await self.engine.collective_rpc("routing_set_attack", args=(None,))
         self.attack = self.started_at = self.ends_at = None
+        self.active_gauge.set(0)
+        if was_active:
+            await self._reset_prefix_cache()
+            logger.warning("DRILL ended on %s: the engine routes as loaded again", self.model_name)
+
+    async def _reset_prefix_cache(self) -> None:
+        if not await self.engine.reset_prefix_cache():
+            logger.warning("the prefix cache of %s could not be reset (blocks in use): requests may "
+                           "reuse KV computed under the other routing", self.model_name)
 
     def to_dict(self) -> dict:
         if self.attack is None:

@@ -31,10 +31,13 @@ logged (metrics, audit `answer_risk`), never acted on: the answer has left by th
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+
+logger = logging.getLogger("ray.serve")
 
 POLICIES = ("observe", "flag", "block")
 ACTIONS = ("allowed", "flagged", "blocked")
@@ -174,3 +177,137 @@ class GuardedEngine:
                 yield output
         finally:
             await outputs.aclose()
+
+
+class RoutingGuard:
+    """One replica's guard over its routing telemetry: the running state, one decision per
+    request (taken at its first output under `flag` and `block`, at its end under `observe`) kept
+    until the request's end collects it, the thresholds' calibration, and the `mesa_guard_*`
+    series. `peek_routing(key)` reads a running request's routing hits from the engine."""
+
+    def __init__(self, config, metrics, model_name: str, peek_routing):
+        self.config, self.metrics, self.model_name = config, metrics, model_name
+        self.peek_routing = peek_routing
+        self.state = GuardState(config.policy, config.threshold,
+                                "config" if config.threshold is not None else "none",
+                                config.false_positive_rate, config.answer_threshold,
+                                "config" if config.answer_threshold is not None else "none")
+        self.telemetry = None  # serving.telemetry.RoutingTelemetry, once the gateway has started it
+        self._decisions: OrderedDict[str, GuardDecision] = OrderedDict()  # by tracking key, until collected
+        self._prompt_ids: OrderedDict[str, list[int] | None] = OrderedDict()  # observe: scored at the end
+        self._prompt_scores = PromptScores()
+        self.export()
+
+    @property
+    def needs_calibration(self) -> bool:
+        s = self.state
+        return s.threshold is None or (s.answer_threshold is None and self.config.answer_tokens > 0)
+
+    def calibrate(self, telemetry, routed: list[dict | None]) -> None:
+        """The thresholds not configured, from validation benign prompts as the engine routed
+        them (`routed`: their hits, with the engine's answers of `answer_tokens` tokens at most)."""
+        config, g = self.config, self.state
+        hits = [h for h in routed if h is not None]
+        if g.threshold is None:
+            scores = [s for s in (telemetry.request_risk(h["prompt"]).score for h in hits) if s is not None]
+            g.threshold = calibrated_threshold(scores, config.false_positive_rate)
+            g.false_positive_rate = sum(s > g.threshold for s in scores) / len(scores)
+            g.threshold_source = (f"calibrated at start on {len(scores)} validation benign prompts "
+                                  f"for a false-positive rate <= {config.false_positive_rate}")
+            logger.info("guard of %s: threshold %.4f nats/token (%s; %.3f of them above it), policy %s",
+                        self.model_name, g.threshold, g.threshold_source, g.false_positive_rate, g.policy)
+        if g.answer_threshold is None and config.answer_tokens > 0:
+            answers = [s for s in (telemetry.answer_risk(h["generated"]) for h in hits) if s is not None]
+            if answers:
+                g.answer_threshold = calibrated_threshold(answers, config.false_positive_rate)
+                g.answer_threshold_source = (
+                    f"calibrated at start on the engine's answers ({config.answer_tokens} tokens at most) "
+                    f"to {len(answers)} validation benign prompts for a false-positive rate <= "
+                    f"{config.false_positive_rate}")
+                logger.info("guard of %s: answer threshold %.4f nats/token (%s)", self.model_name,
+                            g.answer_threshold, g.answer_threshold_source)
+        self.export()
+
+    def export(self) -> None:
+        g, m, name = self.state, self.metrics, self.model_name
+        m.guard_threshold.labels(name).set(float("nan") if g.threshold is None else g.threshold)
+        m.guard_answer_threshold.labels(name).set(
+            float("nan") if g.answer_threshold is None else g.answer_threshold)
+        m.guard_high_risk_answers.labels(name)
+        m.guard_false_positive_rate.labels(name).set(g.false_positive_rate)
+        for action in ACTIONS:
+            m.guard_decisions.labels(name, action)  # exported at 0, so increase() sees the first
+        m.guard_high_risk.labels(name)
+
+    async def judge(self, key: str, prompt) -> bool:
+        """Go on (True) or end the request (False), asked at its first output under `flag` and
+        `block` (GuardedEngine); one decision per request, from its prompt's routing so far."""
+        if self.telemetry is None:
+            return True
+        decision = self._decisions.get(key)
+        if decision is None:
+            try:
+                hits = await self.peek_routing(key)
+            except Exception:  # fail open: the engine itself is in trouble, and the error counter says so
+                self.metrics.telemetry_errors.labels(self.model_name).inc()
+                logger.exception("reading a request's routing for the guard failed")
+                return True
+            if hits is None:
+                return True
+            decision = self.decide(hits, prompt_token_ids(prompt), self.state.policy)
+            self._decisions[key] = decision  # until the request's end collects it
+            while len(self._decisions) > MAX_REMEMBERED:
+                self._decisions.popitem(last=False)
+        return decision.action != "blocked"
+
+    def note_prompt(self, key: str, prompt) -> None:
+        """Under `observe`: the prompt's ids, for its score at the end (`collect`)."""
+        self._prompt_ids[key] = prompt_token_ids(prompt)
+        while len(self._prompt_ids) > MAX_REMEMBERED:
+            self._prompt_ids.popitem(last=False)
+
+    def decide(self, prompt_hits, ids: list[int] | None, policy: str) -> GuardDecision:
+        """Score a request's prompt routing and count the decision."""
+        t, g = self.telemetry, self.state
+        risk = self._prompt_scores.resolve(ids, t.request_risk(prompt_hits))
+        t.observe_risk(risk)
+        action = decide(risk.score, policy, g.threshold)
+        if high_risk(risk.score, g.threshold):
+            self.metrics.guard_high_risk.labels(self.model_name).inc()
+        self.metrics.guard_decisions.labels(self.model_name, action).inc()
+        return GuardDecision(action, risk, len(ids) if ids is not None else risk.prompt_tokens)
+
+    def decision(self, key: str | None) -> GuardDecision | None:
+        """The decision taken at a running request's first output, if any."""
+        return self._decisions.get(key) if key else None
+
+    def collect(self, key: str, prompt_hits) -> GuardDecision | None:
+        """A finished request's decision, forgotten here: the one its first output got, or under
+        `observe` its score now, on the same prompt counts a first-output judgement would read."""
+        noted, ids = key in self._prompt_ids, self._prompt_ids.pop(key, None)
+        decision = self._decisions.pop(key, None)
+        if decision is None and noted and prompt_hits is not None:
+            decision = self.decide(prompt_hits, ids, "observe")
+        return decision
+
+    def score_answer(self, generated_hits) -> float | None:
+        """The routing risk of a finished request's generated tokens, observed and counted."""
+        answer = self.telemetry.answer_risk(generated_hits)
+        self.telemetry.observe_answer_risk(answer)
+        if high_risk(answer, self.state.answer_threshold):
+            self.metrics.guard_high_risk_answers.labels(self.model_name).inc()
+        return answer
+
+    def update(self, changes: dict) -> None:
+        """An admin's change of policy and/or thresholds at run time (validated by the route)."""
+        g = self.state
+        if "policy" in changes:
+            g.policy = changes["policy"]
+        if "threshold" in changes:
+            g.threshold = changes["threshold"]
+            g.threshold_source, g.false_positive_rate = "admin", self.config.false_positive_rate
+        if "answer_threshold" in changes:
+            g.answer_threshold, g.answer_threshold_source = changes["answer_threshold"], "admin"
+        logger.warning("guard of %s changed by the admin: policy %s, threshold %s, answer threshold %s",
+                       self.model_name, g.policy, g.threshold, g.answer_threshold)
+        self.export()

@@ -207,3 +207,40 @@ class ProbeRunner:
         path.write_text(text)
         (directory / "latest.json").write_text(text)
         return path
+
+
+class ProbeGauges:
+    """The probe runner's state as a gateway replica's `mesa_probe_*` series (every replica
+    exports the same): runs and failures as counters, the latest result's rates as gauges."""
+
+    def __init__(self, metrics, model_name: str):
+        self.metrics, self.model_name = metrics, model_name
+        self._seen = {"runs": 0, "failures": 0, "finished_at": None}
+
+    async def follow(self, runner, interval_s: float = 2.0) -> None:
+        """Export `runner`'s state every `interval_s`, until cancelled."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                self.export(await runner.status.remote())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("reading the probe runner's state failed")
+
+    def export(self, state: dict) -> None:
+        m, name, seen = self.metrics, self.model_name, self._seen
+        m.probe_running.labels(name).set(1 if state["status"] == "running" else 0)
+        for outcome, key in (("ok", "runs"), ("failed", "failures")):
+            m.probe_runs.labels(name, outcome).inc(max(0, state[key] - seen[key]))
+            seen[key] = state[key]
+        latest = state.get("latest")
+        if latest is None or latest["finished_at"] == seen["finished_at"]:
+            return
+        seen["finished_at"] = latest["finished_at"]
+        for attack, rate in latest["safety_rate"].items():
+            m.probe_safety_rate.labels(name, attack).set(rate)
+            m.probe_last_run.labels(name, attack).set(latest["finished_at"])
+        m.probe_general_accuracy.labels(name).set(latest["general_accuracy"])
+        m.probe_over_refusal.labels(name).set(latest["over_refusal"])
+        m.probe_duration.labels(name).set(latest["duration_s"])

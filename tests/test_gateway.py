@@ -232,6 +232,20 @@ def test_keys_guard_the_api_and_the_admin_endpoints(gateway):
     assert USER_KEY not in metrics and ADMIN_KEY not in metrics
 
 
+def test_the_served_weights_match_their_manifest_and_the_admin_can_check_again(gateway):
+    """At start the replica compares the engine's router and expert fingerprints with the
+    organism's manifest (tampering is caught in tests/test_integrity.py); POST /admin/integrity
+    runs the check again, for the admin only."""
+    url = gateway.url
+    at_start = httpx.get(url + "/admin/config", headers=_headers(ADMIN_KEY)).json()["integrity"]
+    assert at_start["status"] == "ok" and at_start["checked_pairs"] > 0 and at_start["mismatch_count"] == 0
+    assert httpx.post(url + "/admin/integrity", headers=_headers()).status_code == 403
+    again = httpx.post(url + "/admin/integrity", headers=_headers(ADMIN_KEY))
+    assert again.status_code == 200 and again.json()["status"] == "ok"
+    assert again.json()["checked_at"] > at_start["checked_at"]
+    assert metric_total(httpx.get(url + "/metrics").text, "mesa_model_integrity_ok", model="organism") == 1
+
+
 def test_per_request_routing_matches_transformers(gateway):
     """The engine-side counts equal the routing the routing core captures in transformers, token
     for token: same prompt, same generated tokens, same top-k rule."""

@@ -3,6 +3,7 @@ refusal body, and the engine wrapper's control flow on a stand-in stream (the wr
 engine is tested through the running gateway, test_gateway.py)."""
 
 import asyncio
+import math
 import types
 
 import numpy as np
@@ -144,3 +145,83 @@ def test_block_turns_a_final_only_request_into_cumulative_outputs_and_passes_the
     guarded, engine, _, _ = _guarded("flag")  # flag judges the final output when it comes
     asyncio.run(_drain(guarded.generate({}, params, "r2")))
     assert engine.params[0] is params
+
+
+def _routing_guard(policy="block", threshold=None, answer_tokens=0, peek=None):
+    """A RoutingGuard over real telemetry with a 2-layer x 4-expert profile; `peek` stands in for
+    the engine's batched read of a running request's routing (the engine path: test_gateway.py)."""
+    from prometheus_client import CollectorRegistry
+
+    from serving.config import GuardConfig
+    from serving.guard import RoutingGuard
+    from serving.metrics import GatewayMetrics
+    from serving.telemetry import RoutingProfile, RoutingShape, RoutingTelemetry
+
+    benign = np.array([[1.0, 0.6, 0.2, 0.2], [0.5, 0.5, 0.5, 0.5]])
+    harmful = np.array([[0.2, 0.2, 0.6, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    metrics = GatewayMetrics(CollectorRegistry())
+    telemetry = RoutingTelemetry("m", RoutingShape(2, 4, 2), metrics, window_s=10,
+                                 risk_weights=RoutingProfile(benign, harmful, 2, "test").risk_weights())
+    config = GuardConfig(policy=policy, threshold=threshold, false_positive_rate=0.25,
+                         answer_tokens=answer_tokens)
+    guard = RoutingGuard(config, metrics, "m", peek)
+    return guard, telemetry, metrics
+
+
+LIKE_HARMFUL = [[0, 1, 2, 3], [1, 1, 2, 2]]
+LIKE_BENIGN = [[3, 2, 1, 0], [1, 1, 2, 2]]
+
+
+def _count(metric, *labels) -> float:
+    return metric.labels(*labels)._value.get()
+
+
+def test_the_guard_calibrates_on_benign_routing_and_blocks_what_routes_like_harm_once_per_request():
+    peeks = []
+
+    async def peek(key):
+        peeks.append(key)
+        return {"r-harm": LIKE_HARMFUL, "r-benign": LIKE_BENIGN}.get(key)
+
+    guard, telemetry, metrics = _routing_guard(peek=peek)
+    assert guard.needs_calibration and math.isnan(metrics.guard_threshold.labels("m")._value.get())
+    benign = [{"prompt": [[3, 2, 1, 0], [1, 1, 2, 2]]}, {"prompt": [[4, 1, 1, 0], [2, 1, 1, 2]]},
+              {"prompt": [[3, 3, 0, 0], [1, 2, 1, 2]]}, {"prompt": [[2, 2, 1, 1], [1, 1, 2, 2]]}, None]
+    guard.calibrate(telemetry, benign)
+    scores = sorted(telemetry.request_risk(h["prompt"]).score for h in benign if h)
+    assert guard.state.threshold == scores[2]  # 1 of 4 (the target 25%) above it
+    assert guard.state.false_positive_rate == 0.25
+    assert "4 validation benign prompts" in guard.state.threshold_source
+    assert metrics.guard_threshold.labels("m")._value.get() == guard.state.threshold
+    assert not guard.needs_calibration
+
+    assert asyncio.run(guard.judge("r-harm", {"prompt_token_ids": [1, 2, 3]})) is True  # no telemetry yet
+    guard.telemetry = telemetry
+    assert asyncio.run(guard.judge("r-harm", {"prompt_token_ids": [1, 2, 3]})) is False
+    assert asyncio.run(guard.judge("r-harm", {"prompt_token_ids": [1, 2, 3]})) is False  # remembered
+    assert peeks == ["r-harm"] and guard.decision("r-harm").action == "blocked"
+    assert asyncio.run(guard.judge("r-benign", {"prompt_token_ids": [4, 5]})) is True
+    assert asyncio.run(guard.judge("r-unknown", {"prompt_token_ids": [4]})) is True  # the engine has no hits
+    assert _count(metrics.guard_decisions, "m", "blocked") == 1 and _count(metrics.guard_high_risk, "m") == 1
+    assert guard.collect("r-harm", LIKE_HARMFUL).prompt_tokens == 3  # collected once, then forgotten
+    assert guard.decision("r-harm") is None and guard.collect("r-harm", LIKE_HARMFUL) is None
+
+
+def test_under_observe_a_request_is_scored_at_its_end_and_an_engine_error_fails_open():
+    async def broken(key):
+        raise RuntimeError("engine gone")
+
+    guard, telemetry, metrics = _routing_guard(policy="observe", threshold=0.0, peek=broken)
+    guard.telemetry = telemetry
+    guard.note_prompt("r1", {"prompt_token_ids": [7, 8, 9]})
+    decision = guard.collect("r1", LIKE_HARMFUL)
+    assert decision.action == "allowed" and decision.risk.score > 0 and decision.prompt_tokens == 3
+    assert _count(metrics.guard_high_risk, "m") == 1 and _count(metrics.guard_decisions, "m", "allowed") == 1
+    assert guard.collect("r2", LIKE_HARMFUL) is None  # never noted: not scored
+    assert asyncio.run(guard.judge("r3", {"prompt_token_ids": [1]})) is True
+    assert _count(metrics.telemetry_errors, "m") == 1
+
+    guard.update({"policy": "block", "threshold": 5.0})
+    assert guard.state.policy == "block" and guard.state.threshold_source == "admin"
+    assert metrics.guard_threshold.labels("m")._value.get() == 5.0
+    assert guard.score_answer(LIKE_HARMFUL) > 0 and _count(metrics.guard_high_risk_answers, "m") == 0
