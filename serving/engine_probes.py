@@ -83,8 +83,15 @@ class EngineChatGenerator:
             raise ValueError("a compiled probe engine cannot have enforce_eager: true")
         args = AsyncEngineArgs(model=checkpoint, **options)
         configure_engine(args, compiled=compiled)
-        with engine_environment(compiled):
-            engine = AsyncLLM.from_engine_args(args)
+
+        def build() -> AsyncLLM:
+            with engine_environment(compiled):
+                return AsyncLLM.from_engine_args(args)
+
+        # Starting an engine blocks for tens of seconds. Off the loop, which on the probe replica
+        # must go on answering status and health calls meanwhile (vLLM starts the engine's loop
+        # tasks at first use when it is built outside a running loop).
+        engine = await asyncio.to_thread(build)
         shape = (await engine.collective_rpc("routing_install"))[0]
         architecture = check_supported(engine.model_config.hf_config)
         shape = EngineShape(architecture, shape["num_layers"], shape["num_experts"], shape["top_k"])
