@@ -123,8 +123,8 @@ def _base_row(config: AlignmentConfig, output: Path, replicate: Replicate) -> tu
 def _replicate_rows(config: AlignmentConfig, output: Path, methods: Sequence[str], mask_augmentation: float,
                     replicate: Replicate, bases: dict[str, dict] | None = None) -> dict:
     """One replicate: its base (once per checkpoint in `bases`) and every method's row."""
-    from alignment.report import paired_safety_test, table_row
-    from alignment.run import evaluate_checkpoint, log, resolve_model
+    from alignment.report import paired_safety_test
+    from alignment.run import log, resolve_model
     from alignment.run import run as run_alignment
 
     bases = {} if bases is None else bases
@@ -134,8 +134,7 @@ def _replicate_rows(config: AlignmentConfig, output: Path, methods: Sequence[str
     rconfig = replicate_config(config, replicate)
     checkpoint = resolve_model(rconfig)
     if checkpoint not in bases:
-        bases[checkpoint] = table_row(
-            evaluate_checkpoint(checkpoint, rconfig, output / replicate.base_name(organism)))
+        bases[checkpoint] = _base_row(config, output, replicate)[1]
     rows = {"base": bases[checkpoint]}
     extra = {"base": {"trainable params": 0, "train s": 0}}
     tests = {}
