@@ -65,7 +65,11 @@ async def run_load(
     max_tokens: int = 16,
     model: str = "organism",
     prompts: list[str] = PROMPTS,
+    each: bool = False,
 ) -> dict:
+    """`each`: also list every request in the order sent (client by client), as `each`:
+    its prompt's index in `prompts`, latency and time to first chunk (None where it failed), so
+    two runs of the same load can be compared request by request."""
     client = openai.AsyncOpenAI(
         base_url=url.rstrip("/") + "/v1",
         api_key=key,
@@ -74,17 +78,21 @@ async def run_load(
         http_client=openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_connections=clients * 2)),
     )
     latencies, firsts, errors = [], [], []
+    per_request: list[dict | None] = [None] * (clients * requests_per_client)
     total_tokens = blocked = 0
 
     async def user(index: int) -> None:
         nonlocal total_tokens, blocked
         for r in range(requests_per_client):
-            prompt = prompts[(index + r) % len(prompts)]
+            prompt_index = (index + r) % len(prompts)
+            slot = index * requests_per_client + r
+            per_request[slot] = {"prompt": prompt_index, "latency_s": None, "first_chunk_s": None}
             try:
-                latency, first, tokens, refused = await _one(client, model, prompt, max_tokens)
+                latency, first, tokens, refused = await _one(client, model, prompts[prompt_index], max_tokens)
             except Exception as error:  # recorded, the run goes on
                 errors.append(f"{type(error).__name__}: {error}")
                 continue
+            per_request[slot] |= {"latency_s": round(latency, 5), "first_chunk_s": round(first, 5)}
             latencies.append(latency)
             firsts.append(first)
             total_tokens += tokens
@@ -96,7 +104,7 @@ async def run_load(
     await client.close()
     lat = np.asarray(latencies) if latencies else np.asarray([np.nan])
     ttft = np.asarray(firsts) if firsts else np.asarray([np.nan])
-    return {
+    report = {
         "clients": clients,
         "requests_per_client": requests_per_client,
         "max_tokens": max_tokens,
@@ -113,6 +121,7 @@ async def run_load(
         "first_chunk_p50_s": round(float(np.percentile(ttft, 50)), 4),
         "first_chunk_p99_s": round(float(np.percentile(ttft, 99)), 4),
     }
+    return report | ({"each": per_request} if each else {})
 
 
 def main() -> None:

@@ -171,14 +171,13 @@ def throughput_parts(form: Form, model: str, rounds: int) -> dict:
 
     on, off, bare = "gateway_telemetry_on", "gateway_telemetry_off", "vllm_serve"
     tokens = "completion_tokens_per_s"
-    c1 = {name: float(np.mean([r["c1"]["latency_p50_s"] for r in runs[name]])) for name in runs}
     checks = [r["inspect"] for r in runs[on]]
     return {
         "engine": "compiled" if form.compiled else "eager",
         "tokens_per_s": {name: round(mean(name, tokens), 1) for name in runs},
         "telemetry_on_vs_off_throughput": round(mean(on, tokens) / mean(off, tokens), 3),
         "gateway_vs_vllm_serve_throughput": round(mean(on, tokens) / mean(bare, tokens), 3),
-        "gateway_added_p50_latency_at_concurrency_1_s": round(c1[on] - c1[bare], 4),
+        "gateway_added_latency_at_concurrency_1": throughput.added_latency(runs[on], runs[bare]),
         "failures": sum(r["failures"] for rs in runs.values() for r in rs),
         "telemetry_check": checks[-1],
         "ok": all(check["ok"] for check in checks) and not any(r["failures"] for r in sum(runs.values(), [])),
