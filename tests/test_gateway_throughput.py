@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _bench():
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("gateway_throughput", ROOT / "benchmarks" / "gateway_throughput.py")
+    path = ROOT / "benchmarks" / "gateway_throughput.py"
+    spec = importlib.util.spec_from_file_location("gateway_throughput", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -50,3 +51,19 @@ def test_a_request_that_failed_on_either_side_is_left_out():
     result = added_latency(variant, reference)
     assert result["pairs"] == 2 and result["median_s"] == pytest.approx(0.035)
     assert added_latency([_run([None, 0.1])], [_run([0.1, None])]) is None
+
+
+def test_cpu_is_split_by_part_over_the_processes_alive_at_both_ends():
+    bench = _bench()
+    assert bench.process_part("VLLM::EngineCore") == "engine core"
+    assert bench.process_part("ray::ServeReplica:organism:Gateway") == "serve replica"
+    api_server = "/venv/bin/python -m vllm.entrypoints.openai.api_server --model m"
+    assert bench.process_part(api_server) == "vllm api server"
+    assert bench.process_part("/venv/lib/ray/core/src/ray/raylet/raylet --x") == "ray (other)"
+    assert bench.process_part("sshd") == "other"
+    before = {1: ("engine core", 10.0), 2: ("serve proxy", 5.0), 3: ("ray (other)", 1.0)}
+    after = {1: ("engine core", 12.0), 2: ("serve proxy", 8.0), 3: ("ray (other)", 1.5),
+             4: ("other", 50.0)}  # started during the load: its total is not the load's
+    parts = bench._cpu_by_part(before, after, tokens=500)
+    assert parts == {"serve proxy": 6.0, "engine core": 4.0, "ray (other)": 1.0}
+    assert list(parts) == ["serve proxy", "engine core", "ray (other)"]
