@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,11 +68,13 @@ def _busy_cpu_seconds() -> float:
     return busy - own.user - own.system
 
 
-# Which part of a variant a process is, by its title or command line (first match wins).
-PROCESS_PARTS = (("VLLM::EngineCore", "engine core"), ("VLLM::Worker", "engine worker"),
-                 ("ray::ProxyActor", "serve proxy"), ("haproxy", "haproxy"),
-                 ("ray::ServeReplica", "serve replica"), ("vllm.entrypoints.openai", "vllm api server"),
-                 ("ray", "ray (other)"))
+# Which part of a variant a process is, by its title (vLLM and Ray name their processes) or
+# command line: the first pattern that matches wins.
+PROCESS_PARTS = ((r"^VLLM::EngineCore", "engine core"), (r"^VLLM::Worker", "engine worker"),
+                 (r"^ray::ProxyActor", "serve proxy"), (r"^(\S*/)?haproxy\s", "haproxy"),
+                 (r"^ray::ServeReplica", "serve replica"),
+                 (r"^\S*python\S* -m vllm\.entrypoints\.openai\.api_server", "vllm api server"),
+                 (r"^ray[:-]|^\S*/ray/|^\S*python\S* (-u )?\S*/ray/", "ray (other)"))
 
 
 def _process_cpu_seconds() -> dict[int, tuple[str, float]]:
@@ -90,7 +93,7 @@ def _process_cpu_seconds() -> dict[int, tuple[str, float]]:
 
 
 def process_part(title: str) -> str:
-    return next((name for pattern, name in PROCESS_PARTS if pattern in title), "other")
+    return next((name for pattern, name in PROCESS_PARTS if re.search(pattern, title)), "other")
 
 
 def _cpu_by_part(before: dict, after: dict, tokens: int) -> dict[str, float]:
