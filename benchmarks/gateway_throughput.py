@@ -262,7 +262,8 @@ def main() -> None:
 
     def mean_parts(name: str) -> dict[str, float]:
         parts = [r["cpu_s_per_1k_tokens_by_part"] for r in runs[name]]
-        return {part: round(float(np.mean([p.get(part, 0.0) for p in parts])), 3) for part in parts[0]}
+        names = dict.fromkeys(part for p in parts for part in p)  # every round's, first seen first
+        return {part: round(float(np.mean([p.get(part, 0.0) for p in parts])), 3) for part in names}
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else round(a / b, 3)
