@@ -2,6 +2,7 @@
 
   1. routing telemetry on vs off (same gateway)                       target ratio >= 0.97
   2. the routing guard in `block` mode vs telemetry only              target ratio >= 0.97
+     (every ratio is also given round by round, with a 95% interval: `round_ratio`)
   3. the gateway (telemetry on) vs vLLM's own `vllm serve` OpenAI server: throughput under load
      (target >= 0.8 on this machine), the latency added at concurrency 1 (target <= 20 ms; the
      median of request-by-request differences, `added_latency`),
@@ -151,6 +152,32 @@ def added_latency(runs: list[dict], reference: list[dict], key: str = "latency_s
             "pairs": len(pooled)}
 
 
+def round_ratio(runs: list[dict], reference: list[dict],
+                key: str = "completion_tokens_per_s") -> dict | None:
+    """A variant's throughput over the reference's, round by round, with a 95% interval.
+
+    The two ran back to back in each round, so round r's ratio q_r = a_r / b_r shares that
+    round's machine state; rounds differ by 15% or more here, which a ratio of means over all
+    rounds mixes into the estimate. Summary: the geometric mean exp(mean(log q)), and the t
+    interval exp(mean(log q) +- t_{n-1, 0.975} sd(log q) / sqrt(n)) over the n rounds
+    (scipy.stats.ttest_1samp), which needs n >= 2 and is wide at n = 2 or 3 on purpose.
+    """
+    ratios = np.array([a[key] / b[key] for a, b in zip(runs, reference) if a[key] and b[key]])
+    if not len(ratios):
+        return None
+    logs = np.log(ratios)
+    result = {"geometric_mean": round(float(np.exp(logs.mean())), 3),
+              "per_round": [round(float(q), 3) for q in ratios]}
+    if len(ratios) >= 2:
+        if np.ptp(logs) == 0:
+            low = high = float(logs[0])
+        else:
+            interval = stats.ttest_1samp(logs, 0.0).confidence_interval(0.95)
+            low, high = float(interval.low), float(interval.high)
+        result["ci95"] = [round(float(np.exp(low)), 3), round(float(np.exp(high)), 3)]
+    return result
+
+
 def gateway_variant(args, telemetry: bool = True, guard: str = "observe", env: dict | None = None,
                     compiled: bool = False, model: str = "organism", engine: dict | None = None,
                     telemetry_options: dict | None = None, guard_options: dict | None = None,
@@ -294,6 +321,15 @@ def main() -> None:
         "gateway_added_first_chunk_at_concurrency_1": added(on, bare, "first_chunk_s"),
         "gateway_haproxy_added_latency_at_concurrency_1": added(haproxy, bare),
         "guard_block_added_latency_at_concurrency_1": added(block, on),
+        # The same ratios round by round (the two variants of a pair ran back to back).
+        "throughput_ratios_by_round": {
+            label: round_ratio(runs[a], runs[b]) for label, (a, b) in {
+                "telemetry_on_vs_off": (on, off), "guard_block_vs_telemetry_on": (block, on),
+                "throughput_optimized_vs_default": (optimized, on), "haproxy_vs_default": (haproxy, on),
+                "gateway_vs_vllm_serve": (on, bare), "gateway_haproxy_vs_vllm_serve": (haproxy, bare),
+                "compiled_vs_eager_telemetry_on": (compiled_on, on),
+                "compiled_telemetry_on_vs_off": (compiled_on, compiled_off),
+            }.items() if a in runs and b in runs},
         "cpu_s_per_1k_tokens": {name: round(mean(name, "cpu_s_per_1k_tokens"), 3) for name in runs},
         "cpu_s_per_1k_tokens_by_part": {name: mean_parts(name) for name in runs},
         "failures": sum(r["failures"] for rs in runs.values() for r in rs),

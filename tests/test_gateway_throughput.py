@@ -75,3 +75,22 @@ def test_cpu_is_split_by_part_over_the_processes_alive_at_both_ends():
     parts = bench._cpu_by_part(before, after, tokens=500)
     assert parts == {"serve proxy": 6.0, "engine core": 4.0, "ray (other)": 1.0}
     assert list(parts) == ["serve proxy", "engine core", "ray (other)"]
+
+
+def test_throughput_ratio_is_taken_round_by_round_with_a_t_interval_on_its_logarithm():
+    round_ratio = _bench().round_ratio
+    # Round 2 runs everything 40% slower; within each round the variant is 0.9x and 1.0x.
+    # One round alone gets no interval; a round where either side made no tokens is left out.
+    reference = [{"completion_tokens_per_s": 1000.0}, {"completion_tokens_per_s": 600.0}]
+    variant = [{"completion_tokens_per_s": 900.0}, {"completion_tokens_per_s": 600.0}]
+    result = round_ratio(variant, reference)
+    assert result["per_round"] == [0.9, 1.0]
+    assert result["geometric_mean"] == pytest.approx(0.9 ** 0.5, abs=1e-3)
+    # Closed form: n = 2, logs log 0.9 and 0, sd = |log 0.9| / sqrt(2), t_{1, 0.975} = 12.706.
+    import math
+    half = 12.7062 * (abs(math.log(0.9)) / math.sqrt(2)) / math.sqrt(2)
+    centre = math.log(0.9) / 2
+    assert result["ci95"] == pytest.approx([math.exp(centre - half), math.exp(centre + half)], abs=2e-3)
+    assert round_ratio([{"completion_tokens_per_s": 500.0}], [{"completion_tokens_per_s": 1000.0}]) == {
+        "geometric_mean": 0.5, "per_round": [0.5]}
+    assert round_ratio([{"completion_tokens_per_s": 0}], [{"completion_tokens_per_s": 1000.0}]) is None
