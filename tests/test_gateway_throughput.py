@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -87,7 +88,6 @@ def test_throughput_ratio_is_taken_round_by_round_with_a_t_interval_on_its_logar
     assert result["per_round"] == [0.9, 1.0]
     assert result["geometric_mean"] == pytest.approx(0.9 ** 0.5, abs=1e-3)
     # Closed form: n = 2, logs log 0.9 and 0, sd = |log 0.9| / sqrt(2), t_{1, 0.975} = 12.706.
-    import math
     half = 12.7062 * (abs(math.log(0.9)) / math.sqrt(2)) / math.sqrt(2)
     centre = math.log(0.9) / 2
     assert result["ci95"] == pytest.approx([math.exp(centre - half), math.exp(centre + half)], abs=2e-3)
