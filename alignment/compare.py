@@ -28,6 +28,7 @@ from pathlib import Path
 
 from alignment.config import AlignmentConfig, load_config, with_settings
 from alignment.methods import ABLATIONS, METHODS, apply_settings
+from moe_routing.threads import shared_threads
 
 # Default rows; any method of alignment.methods.METHODS or ablation of ABLATIONS may be asked for.
 DEFAULT_ROWS = ("sft_all", "router_only", "safex", "lora", "mesa_paper", "mesa")
@@ -77,6 +78,16 @@ def replicate_config(config: AlignmentConfig, replicate: Replicate) -> Alignment
     return AlignmentConfig.model_validate(
         config.model_dump() | {"organism_seed": replicate.organism_seed, "seed": replicate.seed}
     )
+
+
+def sharing_cores(config: AlignmentConfig, jobs: int) -> AlignmentConfig:
+    """`config` for one of `jobs` replicates side by side: evaluation threads it leaves unset become
+    its share of the cores (training workers already take one thread per CPU they reserve)."""
+    if config.evaluation.threads is not None:
+        return config
+    data = config.model_dump()
+    data["evaluation"]["threads"] = shared_threads(jobs)
+    return AlignmentConfig.model_validate(data)
 
 
 def row_config(config: AlignmentConfig, row: str, output: Path, mask_augmentation: float) -> AlignmentConfig:
@@ -185,7 +196,7 @@ def _in_parallel(calls: list[tuple[str, Callable, tuple]], jobs: int, output: Pa
 
     from alignment.run import log
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = shared_threads(jobs)
     output.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     handles_term = threading.current_thread() is threading.main_thread()
@@ -257,6 +268,7 @@ def compare(config: AlignmentConfig, output: Path, methods=DEFAULT_ROWS, mask_au
         users = Counter(r.base_name(organism) for r in seeds)
         shared = {r.base_name(organism): r for r in seeds if users[r.base_name(organism)] > 1}
         log(f"[compare] {len(seeds)} replicates, {jobs} at a time")
+        config = sharing_cores(config, min(jobs, len(seeds)))
         if shared:
             _in_parallel([(name, _base_row, (config, output, r)) for name, r in shared.items()], jobs, output)
         per_seed = _in_parallel([(r.name(organism), _replicate_rows,
@@ -355,8 +367,8 @@ def main(argv=None) -> int:
                         "(repeatable)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="replicates run side by side, each in its own process at cores/JOBS torch "
-                        "threads, its output in OUTPUT/<replicate>.log (default 1: one after another; "
-                        "training.threads and evaluation.threads of the config still apply)")
+                        "threads, its output in OUTPUT/<replicate>.log (default 1: one after another); "
+                        "training.threads and evaluation.threads that the config sets are kept")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")

@@ -86,7 +86,8 @@ class TrainingConfig(BaseModel):
     sharding: Literal["none", "fsdp"] = "none"
     memory_check: bool = True  # refuse before training when the memory estimate does not fit
     dtype: Literal["float32", "bfloat16"] = "float32"
-    threads: int | None = Field(None, ge=1)  # torch threads per worker (default: torch's choice)
+    # torch threads per worker (default: Ray's, one per CPU the worker reserves, which is one)
+    threads: int | None = Field(None, ge=1)
 
 
 class ProfileConfig(BaseModel):
@@ -100,8 +101,8 @@ class EvaluationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
     base: bool = True  # also evaluate the input checkpoint, for the before/after table
-    # torch threads of the job's own evaluation (default: torch's choice, one per core). Jobs that
-    # share the cores want 1: more threads than cores spin instead of working.
+    # torch threads of the job's own evaluation (default: every core the job may use; `compare
+    # --jobs N` sets cores / N, since more threads than cores spin instead of working).
     threads: int | None = Field(None, ge=1)
     suite: SuiteSettings = SuiteSettings()
 

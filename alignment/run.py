@@ -33,7 +33,7 @@ from alignment.data import AlignmentData, DataError, load_alignment_data  # noqa
 from moe_routing.architectures import UnsupportedArchitectureError  # noqa: E402
 from moe_routing.ray_cluster import RayClusterError, init_ray  # noqa: E402
 from moe_routing.stats import RoutingCounts, effective_safety_experts, risk_difference  # noqa: E402
-from moe_routing.threads import torch_settings  # noqa: E402
+from moe_routing.threads import cpu_cores, torch_settings  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -226,8 +226,10 @@ def train(config: AlignmentConfig, checkpoint: str, experts, safety_set, cost, o
     return found[0]
 
 
-def evaluate_checkpoint(checkpoint: str, config: AlignmentConfig, out: Path) -> dict:
-    """The evaluation suite on `checkpoint`, written to `out` (kept if already there)."""
+def evaluate_checkpoint(checkpoint: str, config: AlignmentConfig, out: Path,
+                        threads: int | None = None) -> dict:
+    """The evaluation suite on `checkpoint`, written to `out` (kept if already there), at `threads`
+    torch threads (default: evaluation.threads, else every core)."""
     from safety_eval.report import write_report
     from safety_eval.suite import run_suite
 
@@ -239,10 +241,35 @@ def evaluate_checkpoint(checkpoint: str, config: AlignmentConfig, out: Path) -> 
         # "rates" marks a report with three-way verdicts; an older one is measured again.
         if same_settings and report.get("checkpoint") == checkpoint and "rates" in report:
             return report
-    with torch_settings(config.evaluation.threads):
+    # Explicit, not torch's default: a `ray job submit` entrypoint inherits OMP_NUM_THREADS=1.
+    with torch_settings(threads or config.evaluation.threads or cpu_cores()):
         report = run_suite(checkpoint, settings, log=log)
     write_report(report, out)
     return report
+
+
+def _evaluate_timed(checkpoint: str, config: dict, out: str, threads: int) -> tuple[dict, float]:
+    started = time.monotonic()
+    report = evaluate_checkpoint(checkpoint, AlignmentConfig.model_validate(config), Path(out), threads)
+    return report, round(time.monotonic() - started, 1)
+
+
+def evaluate_beside_training(checkpoint: str, config: AlignmentConfig, out: Path):
+    """Start the base evaluation as a Ray task that runs while training does (it needs only the base
+    checkpoint), when the cluster has CPUs to spare beside training's workers; its ObjectRef, or
+    None when it would have to wait for them (Ray Train gives up on workers it cannot place within
+    a minute), and the base is then evaluated after training as before."""
+    import ray
+
+    training = config.training
+    need = config.evaluation.threads or 1
+    spare = ray.available_resources().get("CPU", 0) - (0 if training.use_gpu else training.num_workers)
+    if spare < need:
+        log(f"[align] evaluate_base waits for training: {spare:g} CPUs to spare, it takes {need}")
+        return None
+    log(f"[align] evaluate_base beside training ({need} CPU)")
+    task = ray.remote(num_cpus=need)(_evaluate_timed)
+    return task.remote(checkpoint, config.model_dump(), str(out), need)
 
 
 def run(config: AlignmentConfig) -> dict:
@@ -291,9 +318,21 @@ def run(config: AlignmentConfig) -> dict:
         from alignment.sharding import check_training_memory
 
         check_training_memory(config.training, checkpoint, experts, log=log)
+    base_dir = out / "eval" / "base"
+    evaluating_base = config.evaluation.enabled and config.evaluation.base
+    base_task = evaluate_beside_training(checkpoint, config, base_dir) if evaluating_base else None
     trained = stage("train", lambda: train(config, checkpoint, experts, safety_set, allocation.cost, out,
                                            safety, general))
     history = training_history(trained)
+
+    evaluations = {}
+    if base_task is not None:
+        import ray
+
+        # Before profiling the aligned model, whose workers want the CPU the task holds. Its own
+        # time goes under evaluate_base; the time training's end waited for it apart.
+        evaluations["base"], timings["evaluate_base"] = stage("evaluate_base_wait",
+                                                              lambda: ray.get(base_task))
     from alignment.export import export_checkpoint
 
     model_dir = out / "model"
@@ -309,11 +348,10 @@ def run(config: AlignmentConfig) -> dict:
         _profile(str(model_dir), general_prompts, config, out / "profile" / "aligned-general.npz"),
     ))
 
-    evaluations = {}
+    if evaluating_base and base_task is None:
+        evaluations["base"] = stage("evaluate_base",
+                                    lambda: evaluate_checkpoint(checkpoint, config, base_dir))
     if config.evaluation.enabled:
-        if config.evaluation.base:
-            evaluations["base"] = stage("evaluate_base", lambda: evaluate_checkpoint(
-                checkpoint, config, out / "eval" / "base"))
         evaluations["aligned"] = stage("evaluate_aligned", lambda: evaluate_checkpoint(
             str(model_dir), config, out / "eval" / "aligned"))
 

@@ -5,7 +5,23 @@ its own (an organism build, an evaluation beside other jobs) must hand the calle
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and `taskset` narrow),
+    not every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity call on this platform (macOS)
+        return os.cpu_count() or 1
+
+
+def shared_threads(sharers: int) -> int:
+    """Torch threads for one of `sharers` jobs that run side by side on this process's cores: more
+    threads than cores spin instead of working."""
+    return max(1, cpu_cores() // max(1, sharers))
 
 
 @contextmanager

@@ -39,9 +39,8 @@ def answer_logprobs(model, tokenizer, prompts: Sequence[str], answers: Sequence[
         rows = []
         for prompt, answer in zip(prompts[start : start + batch_size], answers[start : start + batch_size]):
             ids, labels = encode_chat(tokenizer, prompt, answer)
-            first = next(i for i, label in enumerate(labels) if label != -100)
-            labels = labels[: first + answer_tokens] + [-100] * (len(labels) - first - answer_tokens)
-            rows.append((ids, labels[: len(ids)]))
+            end = next(i for i, label in enumerate(labels) if label != -100) + answer_tokens
+            rows.append((ids[:end], labels[:end]))  # later tokens cannot change these (causal): not fed
         input_ids, mask, labels = collate(rows, tokenizer.pad_token_id)
         input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
         with torch.no_grad():

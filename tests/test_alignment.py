@@ -18,6 +18,7 @@ from alignment.router_loss import TiltTarget, ot_kl_loss, router_targets
 from alignment.trainable import make_trainable
 from moe_routing.architectures import describe
 from moe_routing.sft import collate, encode_chat, weighted_lm_loss
+from moe_routing.threads import cpu_cores, shared_threads, torch_settings
 from moe_routing.tiny import byte_tokenizer, tiny_model
 
 
@@ -111,10 +112,24 @@ def test_the_jobs_own_evaluation_runs_on_its_configured_threads(tmp_path, monkey
     config = AlignmentConfig.model_validate({"evaluation": {"threads": before + 1}})
     evaluate_checkpoint("ckpt", config, tmp_path)
     assert seen == [before + 1] and torch.get_num_threads() == before  # restored afterwards
-    evaluate_checkpoint("ckpt", AlignmentConfig(), tmp_path)
-    assert seen[-1] == before
+    # Unset: every core the process may use, even where the process starts at one thread (a
+    # `ray job submit` entrypoint inherits OMP_NUM_THREADS=1).
+    with torch_settings(1):
+        evaluate_checkpoint("ckpt", AlignmentConfig(), tmp_path)
+    assert seen[-1] == cpu_cores()
     with pytest.raises(ValidationError, match="threads"):
         AlignmentConfig.model_validate({"evaluation": {"threads": 0}})
+
+
+def test_replicates_side_by_side_share_the_cores_unless_the_config_sets_threads(monkeypatch):
+    import moe_routing.threads
+    from alignment.compare import sharing_cores
+
+    monkeypatch.setattr(moe_routing.threads, "cpu_cores", lambda: 8)
+    assert sharing_cores(AlignmentConfig(), 3).evaluation.threads == 2  # 8 cores / 3 jobs
+    assert sharing_cores(AlignmentConfig(), 16).evaluation.threads == 1  # never below one
+    pinned = AlignmentConfig.model_validate({"evaluation": {"threads": 5}})
+    assert sharing_cores(pinned, 2).evaluation.threads == 5
 
 
 def test_the_organism_presets_the_alignment_config_names_exist():
@@ -776,7 +791,7 @@ def test_replicates_side_by_side_run_in_their_own_processes_with_their_own_logs(
     from alignment.compare import _in_parallel
 
     results = _in_parallel([(f"task{x}", _square_loudly, (x,)) for x in (3, 4, 5)], 2, tmp_path)
-    threads = max(1, (os.cpu_count() or 1) // 2)
+    threads = shared_threads(2)
     assert results == [(9, threads), (16, threads), (25, threads)]
     assert (tmp_path / "task4.log").read_text() == "squaring 4\n"
     with pytest.raises(ValueError, match="no square for -1"):

@@ -31,3 +31,13 @@ def test_no_settings_leaves_the_current_ones_in_place():
     with torch_settings(None):
         assert torch.get_num_threads() == before
         assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_jobs_side_by_side_split_the_cores_this_process_may_use_and_never_go_below_one():
+    import os
+
+    from moe_routing.threads import cpu_cores, shared_threads
+
+    assert cpu_cores() == len(os.sched_getaffinity(0))
+    assert shared_threads(1) == cpu_cores() and shared_threads(0) == cpu_cores()
+    assert shared_threads(cpu_cores() * 4) == 1
