@@ -821,6 +821,26 @@ def test_replicates_side_by_side_share_one_ray_instance(tmp_path):
     assert not ray.is_initialized() and "RAY_ADDRESS" not in os.environ  # the instance ended with the jobs
 
 
+@pytest.mark.ray
+def test_the_base_evaluation_waits_for_training_when_the_cluster_has_no_cpu_to_spare(tmp_path):
+    """Ray Train gives up on workers it cannot place within a minute: the base evaluation must not
+    take their CPUs, so with none to spare it is not started beside training."""
+    import ray
+
+    from alignment.run import evaluate_beside_training
+    from moe_routing.ray_cluster import init_ray
+
+    init_ray("local", num_cpus=2, include_dashboard=False, log_to_driver=False, log=lambda *_: None)
+    try:
+        every_cpu = AlignmentConfig.model_validate({"training": {"num_workers": 2}})
+        assert evaluate_beside_training("no-checkpoint", every_cpu, tmp_path) is None
+        two_threads = AlignmentConfig.model_validate({"evaluation": {"threads": 2}})  # 1 CPU left
+        assert evaluate_beside_training("no-checkpoint", two_threads, tmp_path) is None
+        assert ray.available_resources().get("CPU") == 2  # nothing was started
+    finally:
+        ray.shutdown()
+
+
 def _sleep_for_a_long_time(pid_file):
     Path(pid_file).write_text(str(os.getpid()))
     time.sleep(600)
