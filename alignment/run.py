@@ -254,16 +254,26 @@ def _evaluate_timed(checkpoint: str, config: dict, out: str, threads: int) -> tu
     return report, round(time.monotonic() - started, 1)
 
 
-def evaluate_beside_training(checkpoint: str, config: AlignmentConfig, out: Path):
+def evaluate_beside_training(checkpoint: str, config: AlignmentConfig, out: Path, host_free: int | None):
     """Start the base evaluation as a Ray task that runs while training does (it needs only the base
-    checkpoint), when the cluster has CPUs to spare beside training's workers; its ObjectRef, or
-    None when it would have to wait for them (Ray Train gives up on workers it cannot place within
-    a minute), and the base is then evaluated after training as before."""
+    checkpoint); its ObjectRef, or None, and the base is then evaluated after training as before.
+    It starts only beside CPU training whose memory check left `host_free` bytes, enough for it
+    (`evaluation_memory`), and only when the cluster has CPUs to spare beside training's workers:
+    Ray Train gives up on workers it cannot place within a minute. GPU training keeps the old
+    order (its workers' host memory is not measured)."""
     import ray
 
-    training = config.training
+    from alignment.sharding import evaluation_memory
+
+    if host_free is None:
+        return None
+    memory = evaluation_memory(checkpoint)
+    if memory > host_free:
+        log(f"[align] evaluate_base waits for training: it takes about {memory / 2**30:.1f} GiB, training "
+            f"leaves {host_free / 2**30:.1f} GiB")
+        return None
     need = config.evaluation.threads or 1
-    spare = ray.available_resources().get("CPU", 0) - (0 if training.use_gpu else training.num_workers)
+    spare = ray.available_resources().get("CPU", 0) - config.training.num_workers
     if spare < need:
         log(f"[align] evaluate_base waits for training: {spare:g} CPUs to spare, it takes {need}")
         return None
@@ -314,13 +324,15 @@ def run(config: AlignmentConfig) -> dict:
     log(f"[align] trained experts {experts or '-'}")
     (out / "allocation.json").write_text(json.dumps(allocation.to_dict(), indent=1))
 
+    host_free = None  # host memory CPU training leaves free, where measured
     if config.training.memory_check:  # before any training worker starts: one line if it will not fit
         from alignment.sharding import check_training_memory
 
-        check_training_memory(config.training, checkpoint, experts, log=log)
+        free = check_training_memory(config.training, checkpoint, experts, log=log)
+        host_free = None if config.training.use_gpu else free
     base_dir = out / "eval" / "base"
     evaluating_base = config.evaluation.enabled and config.evaluation.base
-    base_task = evaluate_beside_training(checkpoint, config, base_dir) if evaluating_base else None
+    base_task = evaluate_beside_training(checkpoint, config, base_dir, host_free) if evaluating_base else None
     trained = stage("train", lambda: train(config, checkpoint, experts, safety_set, allocation.cost, out,
                                            safety, general))
     history = training_history(trained)

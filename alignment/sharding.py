@@ -282,10 +282,10 @@ def available_memory(use_gpu: bool) -> tuple[int, str]:
     return ray.get(probe.options(**options).remote())
 
 
-def check_memory(estimate: MemoryEstimate, training: TrainingConfig, available: int, where: str) -> None:
-    """Refuse, with one line, a layout whose estimate exceeds the memory a worker has. CPU
-    workers share a node's memory (Ray Train packs them): all W of them must fit, rank 0 with
-    its copy of the checkpoint while it loads."""
+def check_memory(estimate: MemoryEstimate, training: TrainingConfig, available: int, where: str) -> int:
+    """Refuse, with one line, a layout whose estimate exceeds the memory a worker has; else the
+    bytes it needs. CPU workers share a node's memory (Ray Train packs them): all W of them must
+    fit, rank 0 with its copy of the checkpoint while it loads."""
     workers = training.num_workers
     if training.use_gpu:
         need, what = estimate.total, "per worker"
@@ -297,12 +297,25 @@ def check_memory(estimate: MemoryEstimate, training: TrainingConfig, available: 
         raise ValueError(f"training needs about {need / 2**30:.1f} GiB {what} (estimate: "
                          f"{estimate.summary()}), but {where} has {available / 2**30:.1f} GiB free; {hint}, "
                          "lower training.batch_size or max_length, or set training.memory_check false")
+    return need
 
 
-def check_training_memory(training: TrainingConfig, checkpoint: str, experts, log=print) -> MemoryEstimate:
-    """Estimate, measure what a worker will have, log both, refuse if it does not fit."""
+def check_training_memory(training: TrainingConfig, checkpoint: str, experts, log=print) -> int:
+    """Estimate, measure what a worker will have, log both, refuse if it does not fit; else the
+    bytes of that memory (the GPU's, or the node's with CPU workers) training leaves free."""
     estimate = estimate_memory(checkpoint, training, experts)
     available, where = available_memory(training.use_gpu)
     log(f"[align] memory: {estimate.summary()}; {where}: {available / 2**30:.1f} GiB free")
-    check_memory(estimate, training, available, where)
-    return estimate
+    return available - check_memory(estimate, training, available, where)
+
+
+def evaluation_memory(checkpoint: str) -> int:
+    """Bytes an evaluation of `checkpoint` takes in host memory: its weights in float32 (the
+    suite's dtype), twice, as an allowance for generation's activations and the masked copies'
+    work; read from the config alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint), dtype=torch.float32)
+    return 2 * 4 * sum(p.numel() for p in model.parameters())

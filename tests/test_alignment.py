@@ -822,20 +822,27 @@ def test_replicates_side_by_side_share_one_ray_instance(tmp_path):
 
 
 @pytest.mark.ray
-def test_the_base_evaluation_waits_for_training_when_the_cluster_has_no_cpu_to_spare(tmp_path):
-    """Ray Train gives up on workers it cannot place within a minute: the base evaluation must not
-    take their CPUs, so with none to spare it is not started beside training."""
+def test_the_base_evaluation_waits_for_training_without_a_cpu_or_the_memory_to_spare(tmp_path):
+    """Ray Train gives up on workers it cannot place within a minute, and training's memory check
+    counted on the host memory it measured: the base evaluation must take neither, so without
+    them to spare it is not started beside training."""
     import ray
 
     from alignment.run import evaluate_beside_training
     from moe_routing.ray_cluster import init_ray
 
+    checkpoint = tmp_path / "tiny"
+    tiny_model("qwen3_moe").config.save_pretrained(checkpoint)
+    plenty = 2**40
     init_ray("local", num_cpus=2, include_dashboard=False, log_to_driver=False, log=lambda *_: None)
     try:
         every_cpu = AlignmentConfig.model_validate({"training": {"num_workers": 2}})
-        assert evaluate_beside_training("no-checkpoint", every_cpu, tmp_path) is None
+        assert evaluate_beside_training(str(checkpoint), every_cpu, tmp_path, plenty) is None
         two_threads = AlignmentConfig.model_validate({"evaluation": {"threads": 2}})  # 1 CPU left
-        assert evaluate_beside_training("no-checkpoint", two_threads, tmp_path) is None
+        assert evaluate_beside_training(str(checkpoint), two_threads, tmp_path, plenty) is None
+        # Host memory: too little left beside training, or not measured (GPU training).
+        assert evaluate_beside_training(str(checkpoint), AlignmentConfig(), tmp_path, 1024) is None
+        assert evaluate_beside_training(str(checkpoint), AlignmentConfig(), tmp_path, None) is None
         assert ray.available_resources().get("CPU") == 2  # nothing was started
     finally:
         ray.shutdown()

@@ -197,3 +197,12 @@ def test_two_gloo_workers_shard_the_frozen_weights_and_compute_one_workers_gradi
             assert torch.equal(part["values"][name], param.detach())
             torch.testing.assert_close(part["grads"][name], param.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close((parts[0]["loss"] + parts[1]["loss"]) / 2, loss, rtol=1e-5, atol=0)
+
+
+def test_an_evaluation_takes_twice_its_float32_weights_in_host_memory(tmp_path):
+    from alignment.sharding import evaluation_memory
+    from moe_routing.tiny import tiny_model
+
+    model = tiny_model("qwen3_moe")
+    model.config.save_pretrained(tmp_path)
+    assert evaluation_memory(str(tmp_path)) == 2 * 4 * sum(p.numel() for p in model.parameters())
