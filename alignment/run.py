@@ -34,6 +34,7 @@ from moe_routing.architectures import UnsupportedArchitectureError  # noqa: E402
 from moe_routing.ray_cluster import RayClusterError, init_ray  # noqa: E402
 from moe_routing.stats import RoutingCounts, effective_safety_experts, risk_difference  # noqa: E402
 from moe_routing.threads import cpu_cores, torch_settings  # noqa: E402
+from safety_eval.settings import SuiteSettings  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -226,26 +227,72 @@ def train(config: AlignmentConfig, checkpoint: str, experts, safety_set, cost, o
     return found[0]
 
 
+def evaluation_on_gpu(config: AlignmentConfig) -> bool:
+    """Whether the job's evaluations run on a GPU: the suite's device names cuda, or is auto while
+    training uses GPUs (the job's own process, often on a head node without one, cannot tell)."""
+    device = config.evaluation.suite.device
+    return device.startswith("cuda") or (device == "auto" and config.training.use_gpu)
+
+
+def check_evaluation_layout(config: AlignmentConfig) -> None:
+    """Refuse, before any work, a GPU evaluation the Ray cluster has no GPU for (it would wait
+    forever, after training) or that names a device its one-GPU task cannot see."""
+    import ray
+
+    if not (config.evaluation.enabled and evaluation_on_gpu(config)):
+        return
+    device = config.evaluation.suite.device
+    if device not in ("auto", "cuda", "cuda:0"):
+        raise ValueError(f"evaluation.suite.device {device}: the job's evaluation is a Ray task holding one "
+                         "GPU, which it sees as cuda; set cuda (or auto)")
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        raise ValueError(f"evaluation.suite.device {device} (training.use_gpu "
+                         f"{str(config.training.use_gpu).lower()}) evaluates on a GPU, but the Ray cluster "
+                         "has none; set evaluation.suite.device cpu, or evaluation.enabled false")
+
+
 def evaluate_checkpoint(checkpoint: str, config: AlignmentConfig, out: Path,
                         threads: int | None = None) -> dict:
-    """The evaluation suite on `checkpoint`, written to `out` (kept if already there), at `threads`
-    torch threads (default: evaluation.threads, else every core)."""
-    from safety_eval.report import write_report
-    from safety_eval.suite import run_suite
-
+    """The evaluation suite on `checkpoint`, written to `out` (kept if already there). On a GPU
+    (`evaluation_on_gpu`) it is a Ray task holding one, a process of its own whose GPU memory is
+    freed when it ends; otherwise it runs here, at `threads` torch threads (default:
+    evaluation.threads, else every core)."""
     report_path = out / "report.json"
     settings = config.evaluation.suite
     if report_path.is_file():
         report = json.loads(report_path.read_text())
-        same_settings = report.get("settings") == json.loads(settings.model_dump_json())
+        try:  # a report from before a setting existed has that setting's default
+            same_settings = SuiteSettings.model_validate(report.get("settings")) == settings
+        except ValidationError:
+            same_settings = False
         # "rates" marks a report with three-way verdicts; an older one is measured again.
         if same_settings and report.get("checkpoint") == checkpoint and "rates" in report:
             return report
+    if evaluation_on_gpu(config):
+        return _evaluate_on_gpu(checkpoint, config, out)
+    return _evaluate_here(checkpoint, settings, out, threads or config.evaluation.threads)
+
+
+def _evaluate_here(checkpoint: str, settings: SuiteSettings, out: Path, threads: int | None) -> dict:
+    from safety_eval.report import write_report
+    from safety_eval.suite import run_suite
+
     # Explicit, not torch's default: a `ray job submit` entrypoint inherits OMP_NUM_THREADS=1.
-    with torch_settings(threads or config.evaluation.threads or cpu_cores()):
+    with torch_settings(threads or cpu_cores()):
         report = run_suite(checkpoint, settings, log=log)
     write_report(report, out)
     return report
+
+
+def _evaluate_on_gpu(checkpoint: str, config: AlignmentConfig, out: Path) -> dict:
+    """`_evaluate_here` in a Ray task holding one GPU (Ray makes it the task's cuda:0)."""
+    import ray
+
+    if not ray.is_initialized():
+        init_ray(log=log)
+    task = ray.remote(num_gpus=1, max_calls=1)(_evaluate_here)
+    log(f"[align] evaluating {checkpoint} on a GPU (a Ray task)")
+    return ray.get(task.remote(checkpoint, config.evaluation.suite, out, config.evaluation.threads))
 
 
 def _evaluate_timed(checkpoint: str, config: dict, out: str, threads: int) -> tuple[dict, float]:
@@ -259,15 +306,16 @@ def evaluate_beside_training(checkpoint: str, config: AlignmentConfig, out: Path
     checkpoint); its ObjectRef, or None, and the base is then evaluated after training as before.
     It starts only beside CPU training whose memory check left `host_free` bytes, enough for it
     (`evaluation_memory`), and only when the cluster has CPUs to spare beside training's workers:
-    Ray Train gives up on workers it cannot place within a minute. GPU training keeps the old
-    order (its workers' host memory is not measured)."""
+    Ray Train gives up on workers it cannot place within a minute. GPU training and GPU
+    evaluations keep the old order (the workers' host memory is not measured; the GPUs are
+    training's)."""
     import ray
 
     from alignment.sharding import evaluation_memory
 
-    if host_free is None:
+    if host_free is None or evaluation_on_gpu(config):
         return None
-    memory = evaluation_memory(checkpoint)
+    memory = evaluation_memory(checkpoint, config.evaluation.suite.dtype)
     if memory > host_free:
         log(f"[align] evaluate_base waits for training: it takes about {memory / 2**30:.1f} GiB, training "
             f"leaves {host_free / 2**30:.1f} GiB")
@@ -312,6 +360,7 @@ def run(config: AlignmentConfig) -> dict:
     # Under `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local instance.
     init_ray(log_to_driver=True, log=log)
     check_layout(config.training)
+    check_evaluation_layout(config)
     data: AlignmentData = stage("data", lambda: load_alignment_data(config, checkpoint))
     log(f"[align] data: {data.sizes()}")
     safety_prompts, general_prompts = data.statistics_prompts(config.data.statistics_prompts, config.seed)

@@ -249,13 +249,10 @@ def _fused(experts: nn.Module) -> list:
 def estimate_memory(checkpoint: str, training: TrainingConfig, experts) -> MemoryEstimate:
     """:func:`estimate_model_memory` for `checkpoint`, from its config alone (no weight is read)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from alignment.trainable import make_trainable
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint),
-                                                 dtype=getattr(torch, training.dtype))
+    model = _meta_model(checkpoint, getattr(torch, training.dtype))
     model, trainable = make_trainable(model, training.method, experts, lora_rank=training.lora_rank)
     return estimate_model_memory(model, trainable, training)
 
@@ -309,13 +306,20 @@ def check_training_memory(training: TrainingConfig, checkpoint: str, experts, lo
     return available - check_memory(estimate, training, available, where)
 
 
-def evaluation_memory(checkpoint: str) -> int:
-    """Bytes an evaluation of `checkpoint` takes in host memory: its weights in float32 (the
-    suite's dtype), twice, as an allowance for generation's activations and the masked copies'
-    work; read from the config alone."""
+def evaluation_memory(checkpoint: str, dtype: str = "auto") -> int:
+    """Bytes a CPU evaluation of `checkpoint` takes in host memory: its weights in the suite's
+    `dtype` on the CPU (`moe_routing.devices.load_dtype`: auto is float32), twice, as an allowance
+    for generation's activations and the masked copies' work; read from the config alone."""
+    from moe_routing.devices import load_dtype
+
+    weights = _meta_model(checkpoint, load_dtype(dtype, "cpu")).parameters()
+    return 2 * sum(p.numel() * p.element_size() for p in weights)
+
+
+def _meta_model(checkpoint: str, dtype):
+    """`checkpoint`'s model built from its config on the meta device: shapes, no weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint), dtype=torch.float32)
-    return 2 * 4 * sum(p.numel() for p in model.parameters())
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint), dtype=dtype)

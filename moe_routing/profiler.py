@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from moe_routing.architectures import MoEModel, check_supported, describe
 from moe_routing.chat import chat_prompts
 from moe_routing.checkpoint import locate_checkpoint
+from moe_routing.devices import resolve_device
 from moe_routing.instrument import RoutingTrace, capture_routing
 from moe_routing.ray_cluster import init_ray
 from moe_routing.stats import (
@@ -204,8 +205,9 @@ def _shard_bounds(num_prompts: int, batch_size: int, num_shards: int) -> list[tu
     return bounds
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu", dtype: torch.dtype | str = "auto"):
-    """Model and tokenizer from an HF checkpoint directory or hub id, checked before loading."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = "auto"):
+    """Model and tokenizer from an HF checkpoint directory or hub id, checked before loading;
+    `device` a torch.device or a setting's name (auto, cpu, cuda, cuda:N: `resolve_device`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = locate_checkpoint(path)  # a missing directory fails here, naming it
@@ -214,6 +216,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu", dtype: torch.dtype | 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if isinstance(device, str):  # one line for a device this process cannot use, before loading
+        device = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, tokenizer
 

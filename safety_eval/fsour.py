@@ -292,6 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from pydantic import ValidationError
 
+    from moe_routing.devices import load_dtype, resolve_device
     from moe_routing.profiler import load_checkpoint
     from safety_eval.generation import HFChatGenerator
     from safety_eval.harness import EvalSets
@@ -308,7 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config)
         runs = settings.fsour.candidates or [10, 100]
         judge = build_judge(settings.judge)
-        model, tokenizer = load_checkpoint(args.checkpoint, dtype=torch.float32)
+        device = resolve_device(settings.device)
+        model, tokenizer = load_checkpoint(args.checkpoint, device=device,
+                                           dtype=load_dtype(settings.dtype, device))
         harmful = EvalSets.for_checkpoint(args.checkpoint, seed=settings.seed, split=settings.split).harmful
         index = draw_prompts(harmful, settings.fsour.max_prompts, settings.seed)
         prompts = [harmful[i] for i in index]

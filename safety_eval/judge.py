@@ -41,6 +41,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from moe_routing.devices import check_device, resolve_device
+
 if TYPE_CHECKING:  # importing this module (JudgeSettings in a config) needs neither torch nor httpx
     from safety_eval.generation import ChatGenerator
 
@@ -398,7 +400,6 @@ _SECRET_KEYS = frozenset(
     {"api_key", "apikey", "key", "token", "api_token", "bearer", "authorization", "password", "secret"}
 )
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_DEVICE = re.compile(r"(auto|cpu|mps|cuda(:\d+)?)\Z")
 
 
 class JudgeSettings(BaseModel):
@@ -466,9 +467,7 @@ class JudgeSettings(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not _DEVICE.match(value):
-            raise ValueError("device must be auto, cpu, mps, cuda or cuda:N")
-        return value
+        return check_device(value)
 
     @field_validator("base_url")
     @classmethod
@@ -731,15 +730,15 @@ class EndpointJudge:
 
 
 def _model_judge(settings: JudgeSettings) -> ModelJudge:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from safety_eval.generation import HFChatGenerator
 
     where = f"judge checkpoint {settings.checkpoint}"
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = resolve_device(settings.device)
+    except ValueError as error:
+        raise JudgeError(f"{where}: {error}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(settings.checkpoint)
         model = AutoModelForCausalLM.from_pretrained(settings.checkpoint, dtype=settings.dtype)

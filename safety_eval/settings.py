@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moe_routing.config import load_yaml_config
+from moe_routing.devices import check_device
 from safety_eval.judge import JudgeSettings
 
 
@@ -59,6 +60,11 @@ class SuiteSettings(BaseModel):
     split: Literal["test", "validation"] = "test"
     max_new_tokens: int = Field(24, ge=1)
     batch_size: int = Field(128, ge=1)
+    # Where the checkpoint's transformers copy runs (`moe_routing.devices`): auto is cuda when this
+    # process sees one, else cpu; in the alignment job a cuda evaluation is a Ray task holding one
+    # GPU. dtype auto: float32 on the CPU (the organism's figures), else the checkpoint's own.
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     limit: int | None = Field(None, ge=1)  # first N prompts of each set (quick runs)
     jailbreak: bool = True
     mask_counts: list[int] = Field(default_factory=lambda: list(range(1, 9)))
@@ -101,6 +107,11 @@ class SuiteSettings(BaseModel):
     def routing_search(self) -> SearchSettings:
         """The old name of `layer_route_search`."""
         return self.layer_route_search
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return check_device(value)
 
     @field_validator("mask_fractions")
     @classmethod

@@ -26,6 +26,7 @@ import torch
 from pydantic import ValidationError
 
 from moe_routing.architectures import UnsupportedArchitectureError
+from moe_routing.devices import load_dtype, resolve_device
 from moe_routing.profiler import load_checkpoint
 from moe_routing.stats import budget_count, concentration, effective_safety_experts, expert_frequency
 from safety_eval.ablation import effective_refusal_experts, refusal_drops
@@ -110,7 +111,9 @@ def run_suite(
     log(f"[eval] {judge_line(judge_entry)}")
     route = settings.layer_route_search
     if model is None and (generator is None or settings.needs_transformers):
-        model, tokenizer = load_checkpoint(checkpoint, dtype=torch.float32)
+        device = resolve_device(settings.device)
+        model, tokenizer = load_checkpoint(checkpoint, device=device,
+                                           dtype=load_dtype(settings.dtype, device))
     hf_generator = None
     if model is not None:
         hf_generator = HFChatGenerator(model, tokenizer, batch_size=settings.batch_size)
@@ -270,6 +273,7 @@ def run_suite(
         "experts": moe.num_experts,
         "top_k": moe.top_k,
         "settings": settings.model_dump(),
+        "device": str(model.device) if model is not None else "engine",
         "eval_sets": {
             "source": sets.source,
             "harmful": len(sets.harmful),

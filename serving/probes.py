@@ -182,15 +182,16 @@ class ProbeRunner:
     def _run_suite(self) -> dict:
         import torch
 
+        from moe_routing.devices import load_dtype, resolve_device
         from moe_routing.profiler import load_checkpoint
         from safety_eval.suite import run_suite
 
         if self.threads:
             torch.set_num_threads(self.threads)
         if self.model is None and (self.generator is None or self.settings.needs_transformers):
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = resolve_device(self.settings.device)
             self.model, self.tokenizer = load_checkpoint(
-                self.checkpoint, device=device, dtype=torch.float32 if device == "cpu" else "auto")
+                self.checkpoint, device=device, dtype=load_dtype(self.settings.dtype, device))
         torch.manual_seed(self.settings.seed)
         return run_suite(self.checkpoint, self.settings, model=self.model, tokenizer=self.tokenizer,
                          generator=self.generator,

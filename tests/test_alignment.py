@@ -121,6 +121,38 @@ def test_the_jobs_own_evaluation_runs_on_its_configured_threads(tmp_path, monkey
         AlignmentConfig.model_validate({"evaluation": {"threads": 0}})
 
 
+def test_a_report_from_before_the_device_settings_is_kept(tmp_path, monkeypatch):
+    """Reports written before `device` and `dtype` existed were measured at their defaults (cpu,
+    float32): a rerun reads them back instead of evaluating again; other settings do not match."""
+    import safety_eval.report
+    import safety_eval.suite
+    from alignment.run import evaluate_checkpoint
+
+    evaluated = []
+    monkeypatch.setattr(safety_eval.suite, "run_suite",
+                        lambda checkpoint, settings, log: evaluated.append(settings) or {})
+    monkeypatch.setattr(safety_eval.report, "write_report", lambda report, out: None)
+    settings = AlignmentConfig().evaluation.suite.model_dump(mode="json")
+    old = {"checkpoint": "ckpt", "rates": {}, "settings": {k: v for k, v in settings.items()
+                                                          if k not in ("device", "dtype")}}
+    (tmp_path / "report.json").write_text(json.dumps(old))
+    assert evaluate_checkpoint("ckpt", AlignmentConfig(), tmp_path) == old and not evaluated
+    other = AlignmentConfig.model_validate({"evaluation": {"suite": {"dtype": "bfloat16"}}})
+    evaluate_checkpoint("ckpt", other, tmp_path)
+    assert [s.dtype for s in evaluated] == ["bfloat16"]
+
+
+def test_the_jobs_evaluation_is_on_a_gpu_when_its_device_or_trainings_says_so():
+    from alignment.run import evaluation_on_gpu
+
+    def on_gpu(device, use_gpu):
+        return evaluation_on_gpu(AlignmentConfig.model_validate(
+            {"training": {"use_gpu": use_gpu}, "evaluation": {"suite": {"device": device}}}))
+
+    assert [on_gpu("auto", False), on_gpu("auto", True)] == [False, True]
+    assert [on_gpu("cuda", False), on_gpu("cuda:0", False), on_gpu("cpu", True)] == [True, True, False]
+
+
 def test_replicates_side_by_side_share_the_cores_unless_the_config_sets_threads(monkeypatch):
     import moe_routing.threads
     from alignment.compare import sharing_cores
@@ -843,9 +875,71 @@ def test_the_base_evaluation_waits_for_training_without_a_cpu_or_the_memory_to_s
         # Host memory: too little left beside training, or not measured (GPU training).
         assert evaluate_beside_training(str(checkpoint), AlignmentConfig(), tmp_path, 1024) is None
         assert evaluate_beside_training(str(checkpoint), AlignmentConfig(), tmp_path, None) is None
+        # An evaluation on a GPU (the suite's device, or auto with GPU training) keeps the old order.
+        on_gpu = AlignmentConfig.model_validate({"evaluation": {"suite": {"device": "cuda"}}})
+        assert evaluate_beside_training(str(checkpoint), on_gpu, tmp_path, plenty) is None
         assert ray.available_resources().get("CPU") == 2  # nothing was started
     finally:
         ray.shutdown()
+
+
+@pytest.mark.ray
+def test_a_gpu_evaluation_on_a_cluster_without_gpus_is_refused_before_any_work():
+    """It would wait for a GPU forever, after hours of training."""
+    import ray
+
+    from alignment.run import check_evaluation_layout
+    from moe_routing.ray_cluster import init_ray
+
+    def check(use_gpu=False, device="auto", enabled=True):
+        evaluation = {"enabled": enabled, "suite": {"device": device}}
+        check_evaluation_layout(AlignmentConfig.model_validate({"training": {"use_gpu": use_gpu},
+                                                                "evaluation": evaluation}))
+
+    init_ray("local", num_cpus=1, num_gpus=0, include_dashboard=False, log_to_driver=False,
+             log=lambda *_: None)
+    try:
+        for use_gpu, device in [(True, "auto"), (False, "cuda")]:
+            with pytest.raises(ValueError, match=f"device {device} .* but the Ray cluster has none"):
+                check(use_gpu, device)
+        check()  # the organism: on the CPU
+        check(use_gpu=True, enabled=False)
+        check(use_gpu=True, device="cpu")
+        with pytest.raises(ValueError, match="device cuda:1: the job's evaluation is a Ray task holding one"):
+            check(device="cuda:1")
+    finally:
+        ray.shutdown()
+
+
+def evaluate_with_gpu_training(checkpoint, out: Path, gpus: int) -> dict:
+    """The job's evaluation of `checkpoint` as GPU training has it: a Ray task holding a GPU, on a
+    local Ray instance with `gpus` GPUs (Ray counts logical ones where the machine has none)."""
+    import ray
+    from test_suite import SMALL
+
+    from alignment.run import check_evaluation_layout, evaluate_checkpoint
+    from moe_routing.ray_cluster import init_ray
+
+    config = AlignmentConfig.model_validate({"training": {"use_gpu": True},
+                                             "evaluation": {"suite": SMALL | {"jailbreak": False}}})
+    init_ray("local", num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False,
+             log=lambda *_: None)
+    try:
+        check_evaluation_layout(config)
+        return evaluate_checkpoint(str(checkpoint), config, out)
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_with_gpu_training_the_evaluation_is_a_ray_task_holding_a_gpu(quick_organism, tmp_path, capsys):
+    """A cluster whose GPU is logical only: the task is placed and runs, on the CPU (device auto),
+    and its report comes back and is written where the job reads it."""
+    report = evaluate_with_gpu_training(quick_organism, tmp_path, gpus=1)
+    assert "on a GPU (a Ray task)" in capsys.readouterr().out
+    assert report["device"] == "cpu" and report["settings"]["device"] == "auto"
+    assert json.loads((tmp_path / "report.json").read_text())["summary"] == report["summary"]
 
 
 def _sleep_for_a_long_time(pid_file):

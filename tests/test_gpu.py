@@ -41,3 +41,13 @@ def test_profile_on_cuda_matches_cpu():
     moved = abs(cpu.sequence_hits - gpu.sequence_hits).sum() / (2 * cpu.sequence_hits.sum())
     assert (cpu.sequence_tokens == gpu.sequence_tokens).all()
     assert moved < 0.01
+
+
+@pytest.mark.ray
+def test_the_jobs_evaluation_runs_on_the_gpu_with_gpu_training(quick_organism, tmp_path):
+    from test_alignment import evaluate_with_gpu_training
+
+    report = evaluate_with_gpu_training(quick_organism, tmp_path, gpus=1)
+    assert report["device"] == "cuda:0"
+    assert 0 <= report["summary"]["safety_rate"] <= 1
+    assert report["summary"]["fsour_attack_success"] is not None  # the searches' hooks on the GPU

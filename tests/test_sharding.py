@@ -199,10 +199,12 @@ def test_two_gloo_workers_shard_the_frozen_weights_and_compute_one_workers_gradi
     torch.testing.assert_close((parts[0]["loss"] + parts[1]["loss"]) / 2, loss, rtol=1e-5, atol=0)
 
 
-def test_an_evaluation_takes_twice_its_float32_weights_in_host_memory(tmp_path):
+def test_an_evaluation_takes_twice_its_weights_in_host_memory(tmp_path):
     from alignment.sharding import evaluation_memory
     from moe_routing.tiny import tiny_model
 
     model = tiny_model("qwen3_moe")
     model.config.save_pretrained(tmp_path)
-    assert evaluation_memory(str(tmp_path)) == 2 * 4 * sum(p.numel() for p in model.parameters())
+    numel = sum(p.numel() for p in model.parameters())
+    assert evaluation_memory(str(tmp_path)) == evaluation_memory(str(tmp_path), "float32") == 2 * 4 * numel
+    assert evaluation_memory(str(tmp_path), "bfloat16") == 2 * 2 * numel

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from safety_eval.suite import SuiteSettings, load_settings, main, run_suite
@@ -49,6 +50,7 @@ def test_report_has_every_measure(report):
     assert set(report["masking"]["targeted"]) == {1, 2}
     assert len(report["masking"]["random"][2]["values"]) == 5
     assert report["eval_sets"]["harmful"] == 6
+    assert report["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")  # device auto
     assert len(report["routing"]["harmful_frequency"]) == report["layers"]
     assert report["safety_critical"] and report["layer_route_search"]["prompts"] == 2
     assert report["routing_search"] is report["layer_route_search"]  # the old name, same entry
@@ -185,6 +187,24 @@ def test_bad_settings_name_the_key(tmp_path, capsys):
     assert "mask_counts" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not found"):
         load_settings(tmp_path / "nope.yaml")
+    with pytest.raises(ValidationError, match="device must be auto, cpu, mps, cuda or cuda:N"):
+        SuiteSettings(device="tpu")
+    with pytest.raises(ValidationError, match="dtype"):
+        SuiteSettings(dtype="int8")
+    assert SuiteSettings(device="cuda:1", dtype="bfloat16").device == "cuda:1"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 3, reason="needs a device index this machine lacks")
+def test_a_device_this_process_cannot_see_is_one_line_before_any_weight_loads(tmp_path, capsys):
+    from moe_routing.tiny import save_tiny_checkpoint
+
+    checkpoint = save_tiny_checkpoint("qwen3_moe", tmp_path / "tiny")
+    config = tmp_path / "suite.yaml"
+    config.write_text("device: cuda:3\n")
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(checkpoint), "--config", str(config), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "device cuda:3: this process sees" in err and "Traceback" not in err
 
 
 def test_cli_rejects_unsupported_checkpoint(tmp_path, capsys):
