@@ -12,18 +12,21 @@ import torch
 from alignment.config import AlignmentConfig
 from alignment.loop import TRAINABLE_FILE
 from alignment.methods import method_spec
-from alignment.trainable import load_model, make_trainable
+from alignment.trainable import make_trainable
 from moe_routing.files import atomic_directory
 from moe_routing.fingerprint import write_manifest
+from moe_routing.profiler import load_checkpoint
 
 
 def export_checkpoint(config: AlignmentConfig, base_checkpoint: str | Path, trained_dir: str | Path,
                       experts: Sequence[tuple[int, int]], output_dir: str | Path, info: dict) -> Path:
     """The base checkpoint with the trained values applied, saved as an ordinary HF checkpoint
-    (LoRA merged), plus `alignment.json` and the base's held-out `eval_sets.json`. Atomic."""
+    (LoRA merged) in the base's dtype, plus `alignment.json` and the base's held-out
+    `eval_sets.json`. Atomic."""
     output_dir = Path(output_dir)
-    model, tokenizer = load_model(str(base_checkpoint), "float32", "cpu")
-    dtype = model.dtype
+    # In the base's own dtype: a bf16 model stays bf16 (not twice its size in float32), and weights
+    # training did not touch stay bit-identical whatever dtype it ran in.
+    model, tokenizer = load_checkpoint(str(base_checkpoint), device="cpu", dtype="auto")
     model, trainable = make_trainable(
         model, config.training.method, experts, lora_rank=config.training.lora_rank
     )
@@ -31,8 +34,6 @@ def export_checkpoint(config: AlignmentConfig, base_checkpoint: str | Path, trai
     trainable.bake()
     if method_spec(config.training.method).lora:
         model = model.merge_and_unload()
-    model = model.to(dtype)
-    tokenizer.padding_side = "left"
     with atomic_directory(output_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -261,6 +261,50 @@ def test_only_the_methods_parameters_change(method):
     assert trainable.count() == 2 * per_expert + (router_params if method.startswith("mesa") else 0)
 
 
+@pytest.mark.parametrize("training_dtype", ["float32", "bfloat16"])
+def test_the_export_keeps_the_bases_dtype_and_every_weight_training_did_not_touch(tmp_path, training_dtype):
+    """A bf16 base stays bf16 (it was saved in float32, twice the size, and loaded so on the host),
+    with the trained values in its selected rows; the training's dtype changes neither."""
+    from safetensors.torch import load_file
+
+    from alignment.export import export_checkpoint
+    from alignment.loop import TRAINABLE_FILE
+    from moe_routing.profiler import load_checkpoint
+
+    base_dir, trained_dir = tmp_path / "base", tmp_path / "trained"
+    base = tiny_model("qwen3_moe", seed=0).to(torch.bfloat16)
+    base.save_pretrained(base_dir)
+    byte_tokenizer().save_pretrained(base_dir)
+    experts = [(0, 1), (1, 3)]
+    config = AlignmentConfig.model_validate({"training": {"method": "mesa", "dtype": training_dtype}})
+    trained = tiny_model("qwen3_moe", seed=0).to(getattr(torch, training_dtype))
+    _, trainable = make_trainable(trained, "mesa", experts)
+    with torch.no_grad():
+        for param in trainable.params.values():
+            param.add_(0.25)
+    trained_dir.mkdir()
+    torch.save(trainable.state(), trained_dir / TRAINABLE_FILE)
+    out = export_checkpoint(config, base_dir, trained_dir, experts, tmp_path / "model", {})
+
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    exported, _ = load_checkpoint(out, dtype="auto")
+    moe = describe(base)
+    rows = {moe.layers[layer].decoder_index: [] for layer, _ in experts}
+    for layer, expert in experts:
+        rows[moe.layers[layer].decoder_index].append(expert)
+    for (name, value), original in zip(exported.named_parameters(), base.parameters(), strict=True):
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        if name.endswith("mlp.gate.weight") and layer in rows:  # a trained router: its trained value
+            assert torch.equal(value, trainable.params[name].detach().to(torch.bfloat16)), name
+        elif ".mlp.experts." in name and layer in rows:
+            trained_rows = rows[layer]
+            others = [e for e in range(moe.num_experts) if e not in trained_rows]
+            assert torch.equal(value[others], original[others]), name
+            assert torch.equal(value[trained_rows], (original[trained_rows].float() + 0.25).bfloat16()), name
+        else:
+            assert torch.equal(value, original), name
+
+
 def test_lora_trains_adapters_only():
     tokenizer = byte_tokenizer()
     model = tiny_model("qwen3_moe", seed=0)
