@@ -2,7 +2,8 @@
 
   1. routing telemetry on vs off (same gateway)                       target ratio >= 0.97
   2. the routing guard in `block` mode vs telemetry only              target ratio >= 0.97
-     (every ratio is also given round by round, with a 95% interval: `round_ratio`)
+     (every ratio is also given round by round, with a 95% interval: `round_ratio`; the guard's
+     is measured more tightly on one gateway by `guard_overhead.py`)
   3. the gateway (telemetry on) vs vLLM's own `vllm serve` OpenAI server: throughput under load
      (target >= 0.8 on this machine), the latency added at concurrency 1 (target <= 20 ms; the
      median of request-by-request differences, `added_latency`),

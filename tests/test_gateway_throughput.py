@@ -94,3 +94,29 @@ def test_throughput_ratio_is_taken_round_by_round_with_a_t_interval_on_its_logar
     assert round_ratio([{"completion_tokens_per_s": 500.0}], [{"completion_tokens_per_s": 1000.0}]) == {
         "geometric_mean": 0.5, "per_round": [0.5]}
     assert round_ratio([{"completion_tokens_per_s": 0}], [{"completion_tokens_per_s": 1000.0}]) is None
+
+
+def test_the_guard_overhead_alternates_abba_and_pairs_each_block_window_with_its_observe_one():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("guard_overhead", ROOT / "benchmarks" / "guard_overhead.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.pair_orders(3) == [("observe", "block"), ("block", "observe"), ("observe", "block")]
+
+    def window(policy, pair, tokens_per_s):
+        return {"policy": policy, "pair": pair, "completion_tokens_per_s": tokens_per_s,
+                "cpu_s_per_1k_tokens": 2.0, "failures": 0, "blocked_by_guard": int(policy == "block")}
+
+    # The machine slows by half in pair 1; block is 0.98x and 0.96x of its own pair's observe.
+    windows = [window("observe", 0, 1000.0), window("block", 0, 980.0),
+               window("block", 1, 480.0), window("observe", 1, 500.0)]
+    summary = bench.summarise(windows)
+    ratio = summary["block_vs_observe_throughput"]
+    assert ratio["per_round"] == [0.98, 0.96]
+    assert ratio["geometric_mean"] == pytest.approx(math.sqrt(0.98 * 0.96), abs=1e-3)
+    assert ratio["against_target"] == "undecided"  # two pairs: t_{1} makes the interval wide
+    assert summary["tokens_per_s"] == {"observe": 750.0, "block": 730.0} and summary["blocked_by_guard"] == 2
+    tight = [window(p, i, t * (0.5 if i % 2 else 1.0)) for i in range(6)
+             for p, t in (("observe", 1000.0), ("block", 990.0 + (i % 3)))]
+    assert bench.summarise(tight)["block_vs_observe_throughput"]["against_target"] == "above"
+    assert bench.summarise(tight, target=0.999)["block_vs_observe_throughput"]["against_target"] == "below"
