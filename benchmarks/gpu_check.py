@@ -17,6 +17,9 @@ does not lose the others' figures):
      and the same greedy requests' per-request routing counts on the eager vs the compiled engine
   4. a 2-GPU data-parallel alignment step (`alignment/run.py`, 2 training steps), only where two
      GPUs are present; skipped otherwise, saying why
+  5. the alignment job's evaluation as GPU training has it (`alignment.run.evaluate_checkpoint`:
+     a Ray task holding one GPU, the model in its own dtype), on a cut-down suite with the refusal
+     ablation and one layer route search, so the suite's hooks run on CUDA tensors; GPU form only
 
 The CPU form (`--smoke`: tiny shapes, a handful of requests, a cut-down suite, eager engines since
 a compilation costs ~40 s per engine start here; `tests/test_compiled_telemetry.py` covers the
@@ -292,6 +295,33 @@ def alignment_part(model: str, workdir: Path, timeout_s: float) -> dict:
     return result
 
 
+def evaluation_part(form: Form, model: str, workdir: Path) -> dict:
+    """The job's evaluation with GPU training (a Ray task holding one GPU) on a cut-down suite."""
+    if form.build_device != "cuda":
+        return {"skipped": "GPU form only (the ray tests run the same task on a logical GPU)", "ok": True}
+    import ray
+
+    from alignment.config import AlignmentConfig
+    from alignment.run import check_evaluation_layout, evaluate_checkpoint
+    from moe_routing.ray_cluster import init_ray
+
+    suite = form.suite | {"limit": 8, "mask_counts": [8], "random_seeds": [0, 1, 2], "ablation_prompts": 2,
+                          "identification_prompts": 16, "n_bootstrap": 0, "max_new_tokens": 16,
+                          "layer_route_search": {"max_prompts": 1, "candidates_per_layer": 4}}
+    config = AlignmentConfig.model_validate({"model": model, "training": {"use_gpu": True},
+                                             "evaluation": {"suite": suite}})
+    init_ray("local", include_dashboard=False, log_to_driver=False, log=lambda *_: None)
+    t0 = time.monotonic()
+    try:
+        check_evaluation_layout(config)
+        report = evaluate_checkpoint(model, config, workdir / "evaluation")
+    finally:
+        ray.shutdown()
+    return {"ok": report["device"].startswith("cuda"), "device": report["device"],
+            "seconds": round(time.monotonic() - t0, 1), "phases_s": report["timings_seconds"],
+            "safety_rate": report["summary"]["safety_rate"]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true",
@@ -346,6 +376,7 @@ def main(argv=None) -> int:
             part("engines", lambda: engines_part(form, model))
             part("alignment_dp", lambda: alignment_part(
                 model, workdir, timeout_s=max(60.0, args.budget_s - (time.monotonic() - started))))
+            part("evaluation", lambda: evaluation_part(form, model, workdir))
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
